@@ -1,0 +1,110 @@
+"""Lowering: torch modules -> ONNX engines with ``torch.onnx.export(..., dynamo=True)``.
+
+The legacy TorchScript exporter traces Python branches and masks as constants; the dynamo
+exporter captures the graph with ``torch.export`` and keeps the chunk axis ``T`` symbolic.
+Every engine is checked with ``onnx.checker`` after export.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from streamgraph.compiler.plan import EnginePlan, Plan
+
+OPSET = 18
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
+
+
+def unique_param_bytes(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
+    """Bytes of the distinct parameters/buffers of ``module`` (tied tensors counted once),
+    skipping names starting with any prefix in ``skip``."""
+    seen, total = set(), 0
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if any(name.startswith(s) for s in skip) or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def engine_modules(model, reducer_module) -> dict[str, torch.nn.Module]:
+    """The modules behind each engine of the plan."""
+    mods = {
+        "vision_encoder": model.vision_encoder(),
+        "embed_tokens": model.token_embedding(),
+        "decoder_step": model.decoder_step(),
+    }
+    if reducer_module is not None:
+        mods["reducer"] = reducer_module
+    return mods
+
+
+def engine_weight_bytes(model, reducer_module) -> dict[str, int]:
+    """Bytes of weights each exported engine carries (the decoder step does not use the input
+    embedding table unless it is tied to ``lm_head``)."""
+    out = {}
+    for name, m in engine_modules(model, reducer_module).items():
+        skip = ("model.embed_tokens",) if name == "decoder_step" else ()
+        out[name] = unique_param_bytes(m, skip)
+    if model.cfg.text.tie_word_embeddings:
+        out["decoder_step"] += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    return out
+
+
+def _example(spec_shape: list, dtype: str, t: int, name: str) -> torch.Tensor:
+    shape = [t if d == "T" else int(d) for d in spec_shape]
+    g = torch.Generator().manual_seed(0)
+    dt = _TORCH_DTYPES[dtype]
+    if dt == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    if dt == torch.int64:
+        if name == "input_ids":
+            return torch.randint(0, 200, shape, generator=g)
+        n = shape[-1]
+        return torch.arange(n, dtype=torch.int64).expand(*shape).contiguous()
+    return torch.randn(shape, generator=g, dtype=dt)
+
+
+def export_engine(module: torch.nn.Module, engine: EnginePlan, out_dir: Path, opset: int = OPSET,
+                  verbose: bool = False) -> Path:
+    """Export ``module`` to ``out_dir / engine.file`` with the plan's I/O names and shapes.
+
+    The symbolic axis ``T`` becomes a ``torch.export.Dim`` bounded by ``engine.dims['T']``.
+    Raises RuntimeError (with the exporter's message) when export fails."""
+    import onnx
+
+    t_min, t_max = engine.dims.get("T", [1, 1])
+    dynamic = t_max > t_min
+    t_example = min(t_max, max(2, t_min + 1)) if dynamic else t_max
+    args = tuple(_example(s.shape, s.dtype, t_example, s.name) for s in engine.inputs)
+    dyn = None
+    if dynamic:
+        tdim = torch.export.Dim("T", min=t_min, max=t_max)
+        dyn = {s.name: ({i: tdim for i, d in enumerate(s.shape) if d == "T"} or None) for s in engine.inputs}
+    path = out_dir / engine.file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sink = io.StringIO()
+    ctx = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with ctx, warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, str(path), dynamo=True, opset_version=opset,
+                          input_names=[s.name for s in engine.inputs],
+                          output_names=[s.name for s in engine.outputs],
+                          dynamic_shapes=dyn, external_data=False, verbose=False)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def lower_all(model, reducer_module, plan: Plan, out_dir: Path, opset: int = OPSET, progress=None) -> None:
+    """Export every engine of ``plan`` into ``out_dir``; ``progress(name)`` is called before each."""
+    mods = engine_modules(model, reducer_module)
+    for name, engine in plan.engines.items():
+        if progress:
+            progress(name)
+        export_engine(mods[name], engine, out_dir, opset)

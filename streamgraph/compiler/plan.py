@@ -1,0 +1,214 @@
+"""Static plan: every engine's I/O shapes and the memory plan in bytes (torch-free).
+
+The plan is computed before lowering, so a graph that cannot fit ``budget.memory_mb`` fails
+in milliseconds with the numbers, not after minutes of export. It is stored in the bundle's
+manifest and read back by the runtime, which allocates exactly ``plan.kv.bytes`` for the KV
+buffer ``kv_cache[L, 2, B, Hkv, S, Dh]`` (DESIGN.md, "The static KV contract").
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from streamgraph.errors import PlanError
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8, "bool": 1}
+MiB = 1024 * 1024
+
+
+@dataclass
+class TensorSpec:
+    """One engine input/output: ``shape`` holds ints and the symbolic chunk axis ``"T"``."""
+
+    name: str
+    dtype: str
+    shape: list
+
+    def nbytes(self, t: int) -> int:
+        n = 1
+        for d in self.shape:
+            n *= t if d == "T" else int(d)
+        return n * DTYPE_BYTES[self.dtype]
+
+
+@dataclass
+class EnginePlan:
+    """One engine: file, I/O, the range of its dynamic axis, weight and activation bytes."""
+
+    name: str
+    file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    dims: dict[str, list[int]] = field(default_factory=dict)   # {"T": [min, max]}
+    weights_bytes: int = 0
+    activations_bytes: int = 0                                  # peak estimate at the largest T
+
+    def io_bytes(self) -> int:
+        t = self.dims.get("T", [1, 1])[1]
+        return sum(s.nbytes(t) for s in self.inputs + self.outputs)
+
+
+@dataclass
+class KVPlan:
+    """The one KV buffer: ``shape = [L, 2, B, Hkv, S, Dh]``, ``bytes`` = its exact size."""
+
+    shape: list[int]
+    dtype: str
+    bytes: int
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes by part. ``activations_bytes`` is an estimate (peak intermediate of the largest
+    engine at its largest chunk); the others are exact."""
+
+    weights_bytes: int
+    kv_cache_bytes: int
+    activations_bytes: int
+    io_bytes: int
+    total_bytes: int
+    budget_bytes: int
+
+    def table(self) -> list[tuple[str, int]]:
+        return [("weights", self.weights_bytes), ("kv_cache", self.kv_cache_bytes),
+                ("activations (est.)", self.activations_bytes), ("engine I/O", self.io_bytes),
+                ("total", self.total_bytes), ("budget", self.budget_bytes)]
+
+
+@dataclass
+class Plan:
+    """Everything the runtime needs to know ahead of time about shapes and memory."""
+
+    batch: int
+    image_size: list[int]                 # [H, W] pixels fed to the vision encoder
+    encoder_tokens: int                   # N visual tokens per frame at the encoder output
+    tokens_per_frame: int                 # K tokens per frame after the reducer
+    hidden_size: int                      # C
+    vocab_size: int
+    reducer: dict | None                  # {"op", "params"} or None for the identity reducer
+    cache: dict                           # {"op", "params", "capacity"}
+    chunk_max: int                        # largest prefill chunk T
+    prefill_chunk_tokens: int
+    max_new_tokens: int
+    kv: KVPlan
+    engines: dict[str, EnginePlan]
+    memory: MemoryPlan
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        d = dict(d)
+        d["kv"] = KVPlan(**d["kv"])
+        d["memory"] = MemoryPlan(**d["memory"])
+        engines = {}
+        for name, e in d["engines"].items():
+            e = dict(e)
+            e["inputs"] = [TensorSpec(**s) for s in e["inputs"]]
+            e["outputs"] = [TensorSpec(**s) for s in e["outputs"]]
+            engines[name] = EnginePlan(**e)
+        d["engines"] = engines
+        return cls(**d)
+
+
+def cache_capacity(op: str, params: dict) -> int:
+    """Slots S of a cache policy node (``full``: capacity_tokens; ``sink_window``: sink+window)."""
+    if op == "full":
+        return int(params["capacity_tokens"])
+    if op == "sink_window":
+        return int(params["sink_tokens"]) + int(params["window_tokens"])
+    raise KeyError(f"not a cache policy op: {op!r}")
+
+
+def _vision_activation_bytes(cfg, b: int) -> int:
+    v = cfg.vision
+    n = v.num_patches
+    scores = b * v.num_attention_heads * n * n * 4 * 2          # scores + probs, fp32
+    mlp = b * n * v.intermediate_size * 4 * 2
+    hidden = b * n * v.hidden_size * 4 * 6
+    proj = b * n * cfg.text.hidden_size * 4 * 3
+    return scores + mlp + hidden + proj
+
+
+def _decoder_activation_bytes(cfg, b: int, t: int, s: int) -> int:
+    x = cfg.text
+    ctx = s + t
+    scores = b * x.num_attention_heads * t * ctx * 4 * 3         # scores, mask fill, probs
+    kv_expanded = 2 * b * x.num_attention_heads * ctx * x.head_dim * 4 * 2  # rope'd + GQA-expanded
+    mlp = b * t * x.intermediate_size * 4 * 3
+    hidden = b * t * x.hidden_size * 4 * 8
+    logits = b * x.vocab_size * 4
+    return scores + kv_expanded + mlp + hidden + logits
+
+
+def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
+              prefill_chunk_tokens: int, max_new_tokens: int, budget_mb: float,
+              engine_weight_bytes: dict[str, int], batch: int = 1, dtype: str = "float32") -> Plan:
+    """Plan shapes and memory.
+
+    ``cfg`` is a :class:`~streamgraph.models.config.VLMConfig`; ``reducer``/``cache`` are
+    ``{"op", "params"}`` dicts; ``engine_weight_bytes`` maps engine name -> bytes of its
+    parameters. Raises :class:`PlanError` when the total exceeds ``budget_mb`` MiB, naming
+    every part.
+    """
+    v, x = cfg.vision, cfg.text
+    b, n, k, c = batch, v.num_patches, tokens_per_frame, x.hidden_size
+    cap = cache_capacity(cache["op"], cache["params"])
+    t_max = max(k, prefill_chunk_tokens)
+    kv_shape = [x.num_hidden_layers, 2, b, x.num_key_value_heads, cap, x.head_dim]
+    kv_bytes = int(np.prod(kv_shape)) * DTYPE_BYTES[dtype]
+    h, w = v.image_size
+    f, i64, bl = dtype, "int64", "bool"
+
+    engines: dict[str, EnginePlan] = {}
+    engines["vision_encoder"] = EnginePlan(
+        "vision_encoder", "engines/vision_encoder.onnx",
+        [TensorSpec("pixel_values", f, [b, v.num_channels, h, w])],
+        [TensorSpec("visual_tokens", f, [b, n, c])],
+        weights_bytes=engine_weight_bytes.get("vision_encoder", 0),
+        activations_bytes=_vision_activation_bytes(cfg, b))
+    if reducer is not None:
+        engines["reducer"] = EnginePlan(
+            "reducer", "engines/reducer.onnx",
+            [TensorSpec("visual_tokens", f, [b, n, c])],
+            [TensorSpec("tokens", f, [b, k, c]), TensorSpec("keep_mask", bl, [b, k]),
+             TensorSpec("source_index", i64, [b, k])],
+            weights_bytes=engine_weight_bytes.get("reducer", 0),
+            activations_bytes=b * n * c * 4 * 2)
+    engines["embed_tokens"] = EnginePlan(
+        "embed_tokens", "engines/embed_tokens.onnx",
+        [TensorSpec("input_ids", i64, [b, "T"])], [TensorSpec("inputs_embeds", f, [b, "T", c])],
+        dims={"T": [1, t_max]}, weights_bytes=engine_weight_bytes.get("embed_tokens", 0))
+    engines["decoder_step"] = EnginePlan(
+        "decoder_step", "engines/decoder_step.onnx",
+        [TensorSpec("inputs_embeds", f, [b, "T", c]), TensorSpec("positions", i64, [b, "T"]),
+         TensorSpec("token_valid", bl, [b, "T"]), TensorSpec("kv_cache", f, kv_shape),
+         TensorSpec("cache_positions", i64, [b, cap]), TensorSpec("cache_valid", bl, [b, cap])],
+        [TensorSpec("logits", "float32", [b, x.vocab_size]),
+         TensorSpec("new_kv", f, [x.num_hidden_layers, 2, b, x.num_key_value_heads, "T", x.head_dim]),
+         TensorSpec("last_hidden", f, [b, c])],
+        dims={"T": [1, t_max]}, weights_bytes=engine_weight_bytes.get("decoder_step", 0),
+        activations_bytes=_decoder_activation_bytes(cfg, b, t_max, cap))
+
+    weights = sum(e.weights_bytes for e in engines.values())
+    acts = max(e.activations_bytes for e in engines.values())
+    # The KV buffer is an input of decoder_step but lives once, in the runtime: do not count it
+    # again as engine I/O.
+    io = sum(e.io_bytes() for e in engines.values()) - kv_bytes
+    total = weights + kv_bytes + acts + io
+    budget = int(budget_mb * MiB)
+    memory = MemoryPlan(weights, kv_bytes, acts, io, total, budget)
+    if total > budget:
+        parts = ", ".join(f"{name} {val / MiB:.1f} MiB" for name, val in memory.table()[:4])
+        raise PlanError(f"plan needs {total / MiB:.1f} MiB ({parts}) but budget.memory_mb is "
+                        f"{budget_mb:g}; raise the budget or shrink the cache/token budget")
+    return Plan(
+        batch=b, image_size=[h, w], encoder_tokens=n, tokens_per_frame=k, hidden_size=c,
+        vocab_size=x.vocab_size, reducer=reducer, cache={**cache, "capacity": cap},
+        chunk_max=t_max, prefill_chunk_tokens=prefill_chunk_tokens, max_new_tokens=max_new_tokens,
+        kv=KVPlan(kv_shape, dtype, kv_bytes), engines=engines, memory=memory,
+        image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))

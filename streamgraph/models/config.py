@@ -1,0 +1,90 @@
+"""Dataclass configs of the model family streamgraph compiles (torch-free).
+
+The architecture is LLaVA-OneVision's: a SigLIP-style ViT (last encoder layer, no
+post-layernorm, as ``vision_feature_layer=-1`` selects in transformers' LlavaOnevision), a
+2-layer GELU MLP projector, and a Qwen2-style decoder (RMSNorm, GQA, RoPE, SwiGLU MLP, q/k/v
+bias). Field names follow the Hugging Face configs so a checkpoint's ``config.json`` maps
+one-to-one.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """SigLIP-style ViT. ``image_size`` is (height, width) in pixels."""
+
+    image_size: tuple[int, int] = (64, 64)
+    patch_size: int = 8
+    num_channels: int = 3
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (rows, cols)."""
+        return self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Visual tokens per frame at the encoder output (N)."""
+        r, c = self.grid
+        return r * c
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """Qwen2-style decoder with grouped-query attention."""
+
+    vocab_size: int = 272
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = True
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    """Whole model: vision tower, projector, decoder and image normalisation constants."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector_hidden_act: str = "gelu"
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VLMConfig":
+        v = dict(d["vision"])
+        v["image_size"] = tuple(v["image_size"])
+        return cls(
+            vision=VisionConfig(**v),
+            text=TextConfig(**d["text"]),
+            projector_hidden_act=d["projector_hidden_act"],
+            image_mean=tuple(d["image_mean"]),
+            image_std=tuple(d["image_std"]),
+        )
+
+
+def tiny_config(frame_size: tuple[int, int] = (64, 64)) -> VLMConfig:
+    """The ``tiny`` preset: 2-layer ViT (patch 8) and 2-layer GQA decoder, width 64.
+
+    ``frame_size`` (height, width) must be a multiple of the patch size (8).
+    Raises ValueError otherwise.
+    """
+    h, w = frame_size
+    if h % 8 or w % 8:
+        raise ValueError(f"frame_size {h}x{w} must be a multiple of the tiny preset's patch size 8")
+    return VLMConfig(vision=VisionConfig(image_size=(h, w)), text=TextConfig())

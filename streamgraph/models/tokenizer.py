@@ -1,0 +1,45 @@
+"""Byte-level tokenizer of the ``tiny`` preset, built with the ``tokenizers`` library.
+
+Every byte is one token (ids 0..255, GPT-2 byte-to-unicode alphabet, no merges), followed by
+the ChatML special tokens Qwen2 uses. Saved as a standard ``tokenizer.json`` so the runtime
+loads it the same way it loads a Hugging Face checkpoint's tokenizer (torch-free).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character map (256 entries)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def byte_level_tokenizer() -> Tokenizer:
+    """Tokenizer with ids 0..255 = bytes and 256.. = :data:`SPECIAL_TOKENS`."""
+    table = _bytes_to_unicode()
+    vocab = {table[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+def save_byte_level_tokenizer(path: str | Path) -> Path:
+    """Write ``tokenizer.json`` to ``path`` and return it."""
+    path = Path(path)
+    byte_level_tokenizer().save(str(path))
+    return path

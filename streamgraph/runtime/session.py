@@ -1,0 +1,240 @@
+"""Session: feeds frames and questions through a compiled bundle (torch-free).
+
+Token stream of a session (ChatML, as Qwen2 chat models use)::
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<|vision_start|>   (prefix, at open)
+    [K visual tokens of frame 0][K of frame 1] ...                                   (push_frame)
+    <|vision_end|>\\n{question}<|im_end|>\\n<|im_start|>assistant\\n                (ask: prefill)
+    answer tokens ...                                                                (ask: decode)
+    <|im_end|>\\n<|im_start|>user\\n<|vision_start|>                                  (resume frames)
+
+Every chunk goes through the same ``decoder_step`` engine; the cache policy plans slots and
+positions, and the runtime writes ``new_kv`` into the one static KV buffer.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from streamgraph.backends.base import Backend, open_backend
+from streamgraph.compiler.bundle import Bundle
+from streamgraph.runtime.clock import Clock, SimulatedClock
+from streamgraph.runtime.kv import CachePolicy, KVBuffer, make_policy
+from streamgraph.runtime.metrics import FrameRecord, QuestionRecord, Report, summarize
+from streamgraph.runtime.preprocess import preprocess_frame
+from streamgraph.runtime.scheduler import Scheduler
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+
+
+class Session:
+    """A live streaming session over one bundle.
+
+    Use :meth:`open`. ``push_frame`` runs (or drops) one frame under its deadline and returns
+    its :class:`~streamgraph.runtime.metrics.FrameRecord`; ``ask`` streams an answer's text
+    pieces; ``report`` summarises the run. With ``trace=True`` every decoder step's logits are
+    kept in ``self.trace`` (for parity tests).
+    """
+
+    def __init__(self, bundle: Bundle, backend: Backend, *, clock: Clock | None = None,
+                 overload: str | None = None, trace: bool = False):
+        from tokenizers import Tokenizer
+
+        self.bundle = bundle
+        self.plan = bundle.plan
+        self.backend = backend
+        self.clock = clock or SimulatedClock()
+        slo = bundle.manifest["slo"]
+        self.scheduler = Scheduler(overload or slo["overload"], slo["frame_deadline_ms"], slo["ttft_ms"])
+        self.tokenizer = Tokenizer.from_file(str(bundle.path / bundle.manifest["prompt"]["tokenizer"]))
+        self.kv = KVBuffer(self.plan.kv.shape, self.plan.kv.dtype)
+        if self.kv.nbytes != self.plan.kv.bytes:
+            raise AssertionError(f"KV buffer {self.kv.nbytes} B != plan {self.plan.kv.bytes} B")
+        cache = self.plan.cache
+        self.policy: CachePolicy = make_policy(cache["op"], cache["params"])
+        self.trace_enabled = trace
+        self.trace: list[dict] = []
+        self.frames: list[FrameRecord] = []
+        self.questions: list[QuestionRecord] = []
+        self._frame_count = 0
+        self._answer_open = False
+        self._stop_ids = {self.tokenizer.token_to_id(IM_END), self.tokenizer.token_to_id(ENDOFTEXT)}
+        system = bundle.manifest["prompt"]["system"]
+        self._prefill_text(f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{VISION_START}", "prefix")
+
+    @classmethod
+    def open(cls, bundle_dir: str | Path, backend: str = "onnxruntime", *, clock: Clock | None = None,
+             overload: str | None = None, trace: bool = False, **backend_options) -> "Session":
+        """Load and verify a bundle and start a session on it.
+
+        Raises :class:`~streamgraph.errors.BundleError` for a missing/corrupt bundle and
+        :class:`~streamgraph.errors.BackendUnavailableError` when the backend cannot run."""
+        bundle = Bundle.load(bundle_dir)
+        return cls(bundle, open_backend(backend, bundle, **backend_options), clock=clock,
+                   overload=overload, trace=trace)
+
+    # ------------------------------------------------------------------ decoder steps
+    def _decoder_step(self, embeds: np.ndarray, n_valid: int, kind: str,
+                      offsets: np.ndarray | None = None) -> np.ndarray:
+        """Run one chunk ``embeds [1,T,C]`` (first ``n_valid`` valid) and write its KV.
+        Returns ``logits [V]`` of the last valid token."""
+        t = embeds.shape[1]
+        step = self.policy.plan_step(t, n_valid, offsets)
+        valid = np.zeros((1, t), dtype=bool)
+        valid[0, :n_valid] = True
+        out = self.backend.run("decoder_step", {
+            "inputs_embeds": embeds, "positions": step.positions[None], "token_valid": valid,
+            "kv_cache": self.kv.data, "cache_positions": step.cache_positions[None],
+            "cache_valid": step.cache_valid[None]})
+        self.kv.write(out["new_kv"], step.write_slots)
+        self.policy.commit(step)
+        logits = out["logits"][0]
+        if self.trace_enabled:
+            self.trace.append({"kind": kind, "logits": logits.copy(), "last_hidden": out["last_hidden"][0].copy()})
+        return logits
+
+    def _prefill_ids(self, ids: list[int], kind: str) -> np.ndarray:
+        step = self.plan.prefill_chunk_tokens
+        logits = None
+        for i in range(0, len(ids), step):
+            chunk = np.asarray([ids[i:i + step]], dtype=np.int64)
+            embeds = self.backend.run("embed_tokens", {"input_ids": chunk})["inputs_embeds"]
+            logits = self._decoder_step(embeds, chunk.shape[1], kind)
+        return logits
+
+    def _prefill_text(self, text: str, kind: str) -> np.ndarray:
+        return self._prefill_ids(self.tokenizer.encode(text).ids, kind)
+
+    # ------------------------------------------------------------------ frames
+    def push_frame(self, frame, timestamp: float | None = None) -> FrameRecord:
+        """Run one frame through encoder -> reducer -> prefill, or drop it.
+
+        ``frame`` is a :class:`~streamgraph.runtime.sources.Frame` or an ``[H,W,3]`` uint8 RGB
+        array with ``timestamp`` (capture time, stream seconds). The clock first waits for the
+        capture time (the frame's arrival); the scheduler then decides run/drop against
+        ``deadline = capture + frame_deadline_ms``. Raises CapacityError when the cache policy
+        has no room (``full`` at capacity)."""
+        if self._answer_open:
+            self._close_answer()
+        image = getattr(frame, "image", frame)
+        capture = float(getattr(frame, "timestamp", timestamp if timestamp is not None else 0.0))
+        self.clock.wait_until(capture)
+        now = self.clock.now()
+        decision = self.scheduler.decide(capture, now)
+        rec = FrameRecord(index=self._frame_count, capture=capture, deadline=decision.deadline,
+                          decision=decision.action, reason=decision.reason)
+        self._frame_count += 1
+        self.frames.append(rec)
+        if decision.action == "drop":
+            rec.overran = "queue"
+            rec.slots_in_use = self.policy.slots_in_use
+            return rec
+        rec.start = now
+        predicted = {s: self.scheduler.costs.predict(s) or 0.0 for s in ("preprocess", "encode", "reduce", "prefill")}
+        stage_s: dict[str, float] = {}
+        t0 = time.perf_counter()
+        pixels = preprocess_frame(image, self.plan.image_size, self.plan.image_mean, self.plan.image_std)
+        t1 = time.perf_counter()
+        stage_s["preprocess"] = t1 - t0
+        tokens = self.backend.run("vision_encoder", {"pixel_values": pixels})["visual_tokens"]
+        t2 = time.perf_counter()
+        stage_s["encode"] = t2 - t1
+        n_valid = tokens.shape[1]
+        offsets = None
+        if self.plan.reducer is not None:
+            red = self.backend.run("reducer", {"visual_tokens": tokens})
+            tokens, keep = red["tokens"], red["keep_mask"][0]
+            n_valid = int(keep.sum())
+            if self.plan.reducer["params"].get("positions") == "keep":
+                offsets = red["source_index"][0][keep]
+            t3 = time.perf_counter()
+            stage_s["reduce"] = t3 - t2
+            t2 = t3
+        self._decoder_step(tokens, n_valid, "frame", offsets)
+        stage_s["prefill"] = time.perf_counter() - t2
+        self.clock.spend(sum(stage_s.values()))
+        for s, v in stage_s.items():
+            self.scheduler.costs.update(s, v)
+        rec.end = self.clock.now()
+        rec.stage_ms = {s: 1000.0 * v for s, v in stage_s.items()}
+        rec.tokens_kept = n_valid
+        rec.budget = self.plan.tokens_per_frame
+        rec.slots_in_use = self.policy.slots_in_use
+        rec.deadline_met = rec.end <= rec.deadline
+        if not rec.deadline_met:
+            rec.overran = self.scheduler.overrunning_stage(stage_s, rec.start - capture, predicted)
+        return rec
+
+    # ------------------------------------------------------------------ questions
+    def ask(self, question: str, max_new_tokens: int | None = None) -> Iterator[str]:
+        """Ask about the stream so far; yields the answer's text pieces as they are decoded
+        (greedy). The question is served at once, ahead of any later frame, with deadline
+        ``now + slo.ttft_ms`` for its first token; its record is in ``self.questions``."""
+        if self._answer_open:
+            self._close_answer()
+        max_new = max_new_tokens or self.plan.max_new_tokens
+        asked = self.clock.now()
+        rec = QuestionRecord(text=question, asked_at=asked, deadline=asked + self.scheduler.ttft)
+        self.questions.append(rec)
+        ids = self.tokenizer.encode(f"{VISION_END}\n{question}{IM_END}\n{IM_START}assistant\n").ids
+        rec.prompt_tokens = len(ids)
+        self._answer_open = True
+        self._answer_ids: list[int] = []
+        t0 = time.perf_counter()
+        logits = self._prefill_ids(ids, "question")
+        token = int(np.argmax(logits))
+        dt = time.perf_counter() - t0
+        self.clock.spend(dt)
+        rec.ttft_ms = 1000.0 * dt
+        rec.ttft_met = self.clock.now() <= rec.deadline
+        text_so_far = ""
+        while True:
+            if token in self._stop_ids:
+                break
+            self._answer_ids.append(token)
+            rec.new_tokens = len(self._answer_ids)
+            full = self.tokenizer.decode(self._answer_ids)
+            piece, text_so_far = full[len(text_so_far):], full
+            rec.answer = full
+            if piece:
+                yield piece
+            if len(self._answer_ids) >= max_new:
+                break
+            t0 = time.perf_counter()
+            embeds = self.backend.run("embed_tokens", {"input_ids": np.asarray([[token]], dtype=np.int64)})["inputs_embeds"]
+            logits = self._decoder_step(embeds, 1, "decode")
+            token = int(np.argmax(logits))
+            dt = time.perf_counter() - t0
+            self.clock.spend(dt)
+            rec.decode_ms.append(1000.0 * dt)
+        rec.slots_in_use = self.policy.slots_in_use
+        self._close_answer()
+
+    def _close_answer(self) -> None:
+        """Write the end of the assistant turn (the last answer token + turn markers) into the
+        cache so frames continue in a new user turn."""
+        if not self._answer_open:
+            return
+        self._answer_open = False
+        last = self._answer_ids[-1:] if self._answer_ids else []
+        tail = self.tokenizer.encode(f"{IM_END}\n{IM_START}user\n{VISION_START}").ids
+        t0 = time.perf_counter()
+        self._prefill_ids(last + tail, "resume")
+        self.clock.spend(time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ report
+    def report(self) -> Report:
+        """Records and summary of everything this session did so far."""
+        meta = {"bundle": str(self.bundle.path), "name": self.bundle.name, "backend": self.backend.name,
+                "lock_key": self.bundle.lock_key, "overload": self.scheduler.overload,
+                "frame_deadline_ms": self.scheduler.frame_deadline * 1000.0,
+                "ttft_ms": self.scheduler.ttft * 1000.0, "cache": self.plan.cache,
+                "kv_bytes_planned": self.plan.kv.bytes, "kv_bytes_allocated": self.kv.nbytes,
+                "kv_buffer_address_constant": self.kv.data.ctypes.data == self.kv.address,
+                "clock": type(self.clock).__name__}
+        return Report(meta, list(self.frames), list(self.questions),
+                      summarize(self.frames, self.questions, self.kv.nbytes))
