@@ -30,6 +30,10 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailableError(
                 f"onnxruntime execution provider(s) {missing} not available here "
                 f"(available: {ort.get_available_providers()})")
+        if bundle.manifest.get("target") != "onnx":
+            raise BackendUnavailableError(
+                f"{bundle.path}: bundle was compiled for target {bundle.manifest.get('target')!r} and has no "
+                f"ONNX engines; recompile it with the default target (onnx)")
         self.sessions = {}
         for name, engine in bundle.plan.engines.items():
             so = ort.SessionOptions()

@@ -88,9 +88,15 @@ class CompileResult:
     checked: CheckedGraph
 
 
+TARGETS = ("onnx", "torch")
+
+
 def compile_graph(path: str | Path, out_dir: str | Path | None = None, force: bool = False,
-                  progress: Callable[[str], None] | None = None) -> CompileResult:
+                  progress: Callable[[str], None] | None = None, target: str = "onnx") -> CompileResult:
     """Compile a graph file into a bundle at ``out_dir`` (default ``build/<name>``).
+
+    ``target="onnx"`` exports every engine; ``target="torch"`` writes only the weights,
+    tokenizer and manifest, for the eager torch backend (reference runs, fast tests).
 
     Skips the export when a bundle with the same lock key and intact files is already there.
     The new bundle is built in a temporary directory beside ``out_dir`` and moved into place
@@ -100,13 +106,15 @@ def compile_graph(path: str | Path, out_dir: str | Path | None = None, force: bo
     from streamgraph.models.build import save_weights, weights_sha256
     from streamgraph.models.tokenizer import save_byte_level_tokenizer
 
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r} (allowed: {', '.join(TARGETS)})")
     checked = check_graph(path)
     spec, plan = checked.spec, checked.plan
     out = Path(out_dir) if out_dir is not None else Path("build") / spec.name
     tools = _tool_versions()
     wsha = weights_sha256(checked.model)
     key = lock_key({"graph": spec.normalized(), "weights": wsha, "plan": plan.to_dict(),
-                    "tools": tools, "target": "onnx"})
+                    "tools": tools, "target": target})
     if not force and (out / "manifest.json").is_file():
         try:
             existing = Bundle.load(out)
@@ -117,7 +125,8 @@ def compile_graph(path: str | Path, out_dir: str | Path | None = None, force: bo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        lower_all(checked.model, checked.reducer_module, plan, tmp, progress=progress)
+        if target == "onnx":
+            lower_all(checked.model, checked.reducer_module, plan, tmp, progress=progress)
         save_weights(checked.model, tmp / "weights.safetensors")
         save_byte_level_tokenizer(tmp / "tokenizer.json")
         manifest = {
@@ -133,7 +142,7 @@ def compile_graph(path: str | Path, out_dir: str | Path | None = None, force: bo
             "slo": spec.slo.model_dump(),
             "stream": json.loads(spec.stream.model_dump_json()),
             "tools": tools,
-            "target": "onnx",
+            "target": target,
         }
         write_manifest(tmp, manifest)
         if out.exists():

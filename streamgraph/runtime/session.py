@@ -94,7 +94,8 @@ class Session:
         self.policy.commit(step)
         logits = out["logits"][0]
         if self.trace_enabled:
-            self.trace.append({"kind": kind, "logits": logits.copy(), "last_hidden": out["last_hidden"][0].copy()})
+            self.trace.append({"kind": kind, "logits": logits.copy(), "inputs_embeds": embeds.copy(),
+                               "n_valid": n_valid})
         return logits
 
     def _prefill_ids(self, ids: list[int], kind: str) -> np.ndarray:
@@ -170,13 +171,16 @@ class Session:
         return rec
 
     # ------------------------------------------------------------------ questions
-    def ask(self, question: str, max_new_tokens: int | None = None) -> Iterator[str]:
+    def ask(self, question: str, max_new_tokens: int | None = None, at: float | None = None) -> Iterator[str]:
         """Ask about the stream so far; yields the answer's text pieces as they are decoded
-        (greedy). The question is served at once, ahead of any later frame, with deadline
-        ``now + slo.ttft_ms`` for its first token; its record is in ``self.questions``."""
+        (greedy). ``at`` is the stream time the question arrives (default: now). It is served
+        at once, ahead of any later frame, with deadline ``arrival + slo.ttft_ms`` for its
+        first token; its record is in ``self.questions``."""
         if self._answer_open:
             self._close_answer()
         max_new = max_new_tokens or self.plan.max_new_tokens
+        if at is not None:
+            self.clock.wait_until(at)
         asked = self.clock.now()
         rec = QuestionRecord(text=question, asked_at=asked, deadline=asked + self.scheduler.ttft)
         self.questions.append(rec)

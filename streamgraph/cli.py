@@ -1,0 +1,264 @@
+"""``streamgraph validate | compile | inspect | run | schema``.
+
+Every user error ends in one line ``error: ...`` on stderr naming the problem and where,
+and a non-zero exit (1 for bad input, 2 for bad usage, 3 for an internal error).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from streamgraph.errors import StreamgraphError
+
+MiB = 1024 * 1024
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _is_graph_file(p: Path) -> bool:
+    return p.suffix.lower() in (".yaml", ".yml")
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_validate(args) -> int:
+    from streamgraph.compiler.compile import check_graph
+
+    g = check_graph(args.graph)
+    plan = g.plan
+    _console().print(
+        f"ok: {args.graph}: graph '{g.spec.name}' — {len(g.spec.nodes)} nodes, "
+        f"{plan.encoder_tokens} -> {plan.tokens_per_frame} tokens/frame, cache {plan.cache['op']} "
+        f"({plan.cache['capacity']} slots, KV {plan.kv.bytes / MiB:.2f} MiB), plan total "
+        f"{plan.memory.total_bytes / MiB:.2f} MiB of {plan.memory.budget_bytes / MiB:.0f} MiB")
+    return 0
+
+
+def _compile(graph: str, out: str | None, force: bool, console) -> "object":
+    from streamgraph.compiler.compile import compile_graph
+
+    with console.status("compiling...") as status:
+        res = compile_graph(graph, out, force=force,
+                            progress=lambda name: status.update(f"exporting engine {name} (torch.onnx dynamo)..."))
+    what = "compiled" if res.rebuilt else "up to date"
+    console.print(f"{what}: {res.bundle.path} (lock {res.bundle.lock_key[:12]})")
+    return res.bundle
+
+
+def cmd_compile(args) -> int:
+    console = _console()
+    bundle = _compile(args.graph, args.output, args.force, console)
+    _print_plan(bundle, console)
+    return 0
+
+
+def _print_plan(bundle, console) -> None:
+    from rich.table import Table
+
+    plan = bundle.plan
+    t = Table(title=f"engines of {bundle.name}")
+    for col in ("engine", "inputs", "outputs", "T", "weights"):
+        t.add_column(col)
+    fmt = lambda specs: "\n".join(f"{s.name} {s.dtype}{list(s.shape)}" for s in specs)  # noqa: E731
+    for e in plan.engines.values():
+        t.add_row(e.name, fmt(e.inputs), fmt(e.outputs), str(e.dims.get("T", "-")),
+                  f"{e.weights_bytes / MiB:.2f} MiB")
+    console.print(t)
+    m = Table(title="memory plan")
+    m.add_column("part")
+    m.add_column("bytes", justify="right")
+    m.add_column("MiB", justify="right")
+    for name, val in plan.memory.table():
+        m.add_row(name, f"{val:,}", f"{val / MiB:.2f}")
+    console.print(m)
+    c = plan.cache
+    console.print(f"cache policy: {c['op']} {c['params']} — {c['capacity']} slots; "
+                  f"kv_cache{plan.kv.shape} {plan.kv.dtype} = {plan.kv.bytes:,} bytes")
+
+
+def cmd_inspect(args) -> int:
+    from streamgraph.compiler.bundle import Bundle
+
+    console = _console()
+    path = Path(args.target)
+    if path.is_file() and _is_graph_file(path):
+        from streamgraph.compiler.compile import check_graph
+
+        g = check_graph(path)
+        console.print(f"graph {g.spec.name} (not compiled): plan below")
+
+        class _Shim:  # present a plan like a bundle for printing
+            name, plan = g.spec.name, g.plan
+        _print_plan(_Shim, console)
+        return 0
+    bundle = Bundle.load(path)
+    if args.json:
+        print(json.dumps(bundle.manifest, indent=2))
+        return 0
+    man = bundle.manifest
+    console.print(f"bundle {bundle.name} at {bundle.path}\n  lock key {bundle.lock_key}\n"
+                  f"  target {man['target']}, tools {man['tools']}\n  slo {man['slo']}")
+    _print_plan(bundle, console)
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from streamgraph.compiler.spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from streamgraph.runtime import sources
+    from streamgraph.runtime.clock import SimulatedClock, WallClock
+    from streamgraph.runtime.session import Session
+
+    console = _console()
+    target = Path(args.target)
+    if target.is_file() and _is_graph_file(target):
+        bundle_dir = _compile(str(target), None, False, console).path
+    else:
+        bundle_dir = target
+    video_path = Path(args.video) if args.video else sources.sample_clip()
+    if args.at is not None and args.ask is None:
+        raise StreamgraphError("--at needs --ask TEXT")
+    if args.at is not None and args.at < 0:
+        raise StreamgraphError(f"--at must be >= 0 seconds, got {args.at}")
+    clock = WallClock() if args.realtime else SimulatedClock()
+    session = Session.open(bundle_dir, args.backend, clock=clock, overload=args.overload)
+    plan = session.plan
+    fps = args.fps or session.bundle.manifest["stream"]["fps"]
+    src = sources.video(video_path, fps=fps, size=tuple(plan.image_size), max_frames=args.max_frames)
+    console.print(f"streaming {video_path} at {fps:g} fps through {session.bundle.name} "
+                  f"({session.backend.name}, overload={session.scheduler.overload}, "
+                  f"deadline {session.scheduler.frame_deadline * 1000:.0f} ms)")
+    answer_printed = False
+    error: BaseException | None = None
+
+    def do_ask(at_time: float) -> None:
+        console.print(f"[bold]Q @ {at_time:.1f}s:[/bold] {args.ask}")
+        pieces = []
+        for piece in session.ask(args.ask, at=at_time):
+            pieces.append(piece)
+        q = session.questions[-1]
+        console.print(f"[bold]A:[/bold] {''.join(pieces)!r}  (TTFT {q.ttft_ms:.1f} ms, "
+                      f"{q.new_tokens} tokens)", markup=True)
+
+    try:
+        for frame in src:
+            if args.ask and not answer_printed and frame.timestamp >= (args.at or 0.0):
+                do_ask(frame.timestamp)
+                answer_printed = True
+            rec = session.push_frame(frame)
+            if args.verbose:
+                lat = f"{rec.latency_ms:7.1f} ms" if rec.latency_ms is not None else "   -      "
+                console.print(f"frame {rec.index:4d} t={rec.capture:6.2f}s {rec.decision:4s} {lat} "
+                              f"slots={rec.slots_in_use} {rec.reason}")
+        if args.ask and not answer_printed:
+            do_ask(session.clock.now())
+    except KeyboardInterrupt as e:  # keep what was measured
+        error = e
+    except StreamgraphError as e:
+        error = e
+    report = session.report()
+    _print_summary(report, console)
+    if args.report:
+        path = report.save(args.report)
+        console.print(f"report: {path}")
+    if error is not None:
+        raise error
+    return 0
+
+
+def _print_summary(report, console) -> None:
+    from rich.table import Table
+
+    s = report.summary
+    console.print(f"frames: sampled {s['sampled']}, processed {s['processed']}, dropped {s['dropped']}, "
+                  f"deadline misses {s['deadline_misses']}; achieved {s['achieved_fps'] or 0:.2f} fps "
+                  f"(compute-bound {s['compute_fps'] or 0:.1f} fps); KV buffer {s['kv_bytes']:,} bytes")
+    t = Table(title="latency per frame (ms)")
+    for col in ("stage", "p50", "p95", "p99", "max"):
+        t.add_column(col, justify="right" if col != "stage" else "left")
+    for stage, p in s["latency_ms"].items():
+        if p["p50"] is None:
+            continue
+        t.add_row(stage, *(f"{p[k]:.2f}" for k in ("p50", "p95", "p99", "max")))
+    console.print(t)
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamgraph", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check a graph file: spec, graph, shapes, memory plan")
+    v.add_argument("graph")
+    v.set_defaults(func=cmd_validate)
+
+    c = sub.add_parser("compile", help="compile a graph file into a bundle of ONNX engines")
+    c.add_argument("graph")
+    c.add_argument("-o", "--output", help="bundle directory (default build/<name>)")
+    c.add_argument("--force", action="store_true", help="rebuild even if the lock key matches")
+    c.set_defaults(func=cmd_compile)
+
+    i = sub.add_parser("inspect", help="show a bundle's (or graph's) engines, shapes and memory plan")
+    i.add_argument("target")
+    i.add_argument("--json", action="store_true", help="print the raw manifest")
+    i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("run", help="stream a video through a bundle (or graph, compiled on the fly)")
+    r.add_argument("target", help="graph .yaml or bundle directory")
+    r.add_argument("--video", help="video file (default: the sample clip shipped with streamgraph)")
+    r.add_argument("--fps", type=float, help="sampling fps (default: the graph's stream.fps)")
+    r.add_argument("--ask", help="question to ask about the stream")
+    r.add_argument("--at", type=float, help="stream time (s) at which to ask (default 0)")
+    r.add_argument("--report", help="directory for report.json")
+    r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    r.add_argument("--overload", choices=["drop_late", "none"], help="override the graph's slo.overload")
+    r.add_argument("--max-frames", type=int, help="stop after this many sampled frames")
+    r.add_argument("--realtime", action="store_true",
+                   help="deliver frames at their capture times (default: as fast as possible, deadlines in stream time)")
+    r.add_argument("-v", "--verbose", action="store_true", help="print one line per frame")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("schema", help="print the JSON Schema of graph files")
+    s.add_argument("-o", "--output")
+    s.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except StreamgraphError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # pragma: no cover - last resort, never a bare traceback
+        if args.debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
