@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "graphs" / "streaming_vlm.yaml"
 VTEST = REPO.parent / "shared" / "data" / "vtest.avi"
 
 GRAPH = """\
@@ -38,12 +39,11 @@ def write_graph(directory: Path, **kw) -> Path:
 
 @pytest.fixture(scope="session")
 def onnx_bundle(tmp_path_factory) -> Path:
-    """The example graph compiled to ONNX engines (once per test session)."""
+    """graphs/streaming_vlm.yaml compiled to ONNX engines (once per test session)."""
     from streamgraph.compiler.compile import compile_graph
 
     d = tmp_path_factory.mktemp("bundle")
-    g = write_graph(d, name="parity", cache="{op: full, capacity_tokens: 1024}", max_new=6, chunk=32)
-    return compile_graph(g, d / "build").bundle.path
+    return compile_graph(EXAMPLE, d / "streaming-vlm-tiny").bundle.path
 
 
 def torch_bundle(tmp_path: Path, **kw) -> Path:

@@ -90,7 +90,8 @@ def export_engine(module: torch.nn.Module, engine: EnginePlan, out_dir: Path, op
     path.parent.mkdir(parents=True, exist_ok=True)
     sink = io.StringIO()
     ctx = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    for name in ("torch.onnx", "onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with ctx, warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), args, str(path), dynamo=True, opset_version=opset,

@@ -15,7 +15,7 @@ class FrameRecord:
     index: int
     capture: float
     deadline: float
-    decision: str                    # "run" | "drop"
+    decision: str                    # "run" | "drop" | "error" (the run stopped on this frame)
     start: float | None = None
     end: float | None = None
     stage_ms: dict[str, float] = field(default_factory=dict)
@@ -57,7 +57,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 
 def summarize(frames: list[FrameRecord], questions: list[QuestionRecord], kv_bytes: int) -> dict:
     """Counts, per-stage and end-to-end latency percentiles (ms), achieved fps, KV bytes."""
-    run = [f for f in frames if f.decision != "drop"]
+    run = [f for f in frames if f.decision == "run"]
     dropped = [f for f in frames if f.decision == "drop"]
     stages = sorted({s for f in run for s in f.stage_ms})
     per_stage = {s: percentiles([f.stage_ms[s] for f in run if s in f.stage_ms]) for s in stages}
@@ -68,6 +68,7 @@ def summarize(frames: list[FrameRecord], questions: list[QuestionRecord], kv_byt
         "sampled": len(frames),
         "processed": len(run),
         "dropped": len(dropped),
+        "errors": sum(1 for f in frames if f.decision == "error"),
         "deadline_misses": sum(1 for f in run if f.deadline_met is False),
         "deadline_met": sum(1 for f in run if f.deadline_met),
         "latency_ms": {"end_to_end": e2e, **per_stage},

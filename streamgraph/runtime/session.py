@@ -136,6 +136,26 @@ class Session:
             return rec
         rec.start = now
         predicted = {s: self.scheduler.costs.predict(s) or 0.0 for s in ("preprocess", "encode", "reduce", "prefill")}
+        try:
+            stage_s, n_valid = self._run_frame(image)
+        except Exception as e:
+            rec.decision, rec.reason = "error", f"{type(e).__name__}: {e}"
+            raise
+        self.clock.spend(sum(stage_s.values()))
+        for s, v in stage_s.items():
+            self.scheduler.costs.update(s, v)
+        rec.end = self.clock.now()
+        rec.stage_ms = {s: 1000.0 * v for s, v in stage_s.items()}
+        rec.tokens_kept = n_valid
+        rec.budget = self.plan.tokens_per_frame
+        rec.slots_in_use = self.policy.slots_in_use
+        rec.deadline_met = rec.end <= rec.deadline
+        if not rec.deadline_met:
+            rec.overran = self.scheduler.overrunning_stage(stage_s, rec.start - capture, predicted)
+        return rec
+
+    def _run_frame(self, image) -> tuple[dict[str, float], int]:
+        """preprocess -> encode -> reduce -> prefill; returns seconds per stage and tokens kept."""
         stage_s: dict[str, float] = {}
         t0 = time.perf_counter()
         pixels = preprocess_frame(image, self.plan.image_size, self.plan.image_mean, self.plan.image_std)
@@ -157,18 +177,7 @@ class Session:
             t2 = t3
         self._decoder_step(tokens, n_valid, "frame", offsets)
         stage_s["prefill"] = time.perf_counter() - t2
-        self.clock.spend(sum(stage_s.values()))
-        for s, v in stage_s.items():
-            self.scheduler.costs.update(s, v)
-        rec.end = self.clock.now()
-        rec.stage_ms = {s: 1000.0 * v for s, v in stage_s.items()}
-        rec.tokens_kept = n_valid
-        rec.budget = self.plan.tokens_per_frame
-        rec.slots_in_use = self.policy.slots_in_use
-        rec.deadline_met = rec.end <= rec.deadline
-        if not rec.deadline_met:
-            rec.overran = self.scheduler.overrunning_stage(stage_s, rec.start - capture, predicted)
-        return rec
+        return stage_s, n_valid
 
     # ------------------------------------------------------------------ questions
     def ask(self, question: str, max_new_tokens: int | None = None, at: float | None = None) -> Iterator[str]:
