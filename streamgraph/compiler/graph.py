@@ -1,0 +1,300 @@
+"""The pipeline graph: a networkx DAG built from a :class:`GraphSpec`, its structural
+checks and static shape inference.
+
+:func:`build_graph` adds the built-in sources (``frames``, ``query``) and one graph node
+per spec node, draws an edge for every reference (``input:`` entries, and the decoder's
+``cache:`` with port ``cache``), and checks, in this order:
+
+1. every reference names a defined node or a built-in source;
+2. the graph is acyclic;
+3. there is exactly one decoder;
+4. port types match (each input port gets exactly one producer of its type);
+5. every node's output is consumed (no dangling nodes, no unused cache policy);
+6. v1 topology: one chain ``frames -> encoder -> (at most one reducer) -> decoder`` plus
+   the decoder's cache policy;
+7. static shapes: visual tokens per frame along the chain, and a KV-cache capacity that
+   fits a frame's tokens and a prefill chunk.
+
+Failures raise :class:`~streamgraph.errors.GraphError` located at the offending node or
+field of the graph file.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any
+
+import networkx as nx
+
+from streamgraph.compiler.ops import (OPS, SOURCES, OpInfo, PortType, ShapeContext,
+                                      ShapeError, TokenShape, producers)
+from streamgraph.compiler.spec import GraphSpec
+from streamgraph.errors import GraphError
+
+__all__ = ["TokenShape", "PipelineGraph", "build_graph", "V1_TOPOLOGY"]
+
+V1_TOPOLOGY = "frames -> encoder -> (at most one token reducer) -> decoder"
+
+
+@dataclass
+class PipelineGraph:
+    """A checked pipeline graph with its static shapes.
+
+    ``graph`` holds the spec's nodes plus the sources ``frames`` and ``query``; node
+    attributes ``kind`` (``source`` or the op kind), ``op``, ``type`` (output
+    :class:`PortType`, ``None`` for the decoder) and ``spec`` (the node's params model);
+    edge attribute ``port`` (the consuming input port: ``input``, ``visual``, ``text``,
+    ``cache``). ``shapes`` maps the encoder and the reducer to their output
+    :class:`TokenShape`; ``tokens_per_frame`` is K, the visual tokens per frame the decoder
+    receives; ``cache_capacity`` the KV-cache capacity in slots.
+    """
+
+    spec: GraphSpec
+    graph: nx.DiGraph
+    encoder: str
+    reducer: str | None
+    cache: str
+    decoder: str
+    shapes: dict[str, TokenShape]
+    tokens_per_frame: int
+    cache_capacity: int
+
+    def node(self, name: str) -> Any:
+        """Params model of node ``name`` (``KeyError`` if undefined)."""
+        return self.spec.nodes[name]
+
+    def op(self, name: str) -> OpInfo:
+        """Registry entry of node ``name``'s op."""
+        return OPS[self.spec.nodes[name].op]
+
+    @property
+    def chain(self) -> list[str]:
+        """Nodes along the main chain, encoder first, decoder last."""
+        return [self.encoder] + ([self.reducer] if self.reducer else []) + [self.decoder]
+
+
+def build_graph(spec: GraphSpec, *, encoder_tokens: int, hidden_size: int) -> PipelineGraph:
+    """Build and check the DAG of ``spec`` and infer its static shapes.
+
+    ``encoder_tokens`` is N, the visual tokens per frame the encoder emits, and
+    ``hidden_size`` is C, the decoder width; the caller derives both from the model.
+
+    Raises :class:`GraphError` (located at the offending node or field) for a reference
+    to an undefined node, a cycle, not exactly one decoder, a port-type mismatch, a
+    dangling node, a topology other than the v1 chain, a token budget above N or a
+    KV-cache too small for a frame or a prefill chunk. Raises ``ValueError`` if
+    ``encoder_tokens`` or ``hidden_size`` is < 1 (a caller bug, not a graph error).
+    """
+    if encoder_tokens < 1 or hidden_size < 1:
+        raise ValueError(f"encoder_tokens and hidden_size must be >= 1, got {encoder_tokens}"
+                         f" and {hidden_size}")
+    checker = _Checker(spec)
+    g = checker.build()
+    checker.check_acyclic()
+    decoder = checker.check_one_decoder()
+    checker.check_ports()
+    checker.check_dangling(decoder)
+    encoder, reducers, cache = checker.check_chain(decoder)
+
+    ctx = ShapeContext(encoder_tokens=encoder_tokens, hidden_size=hidden_size)
+    shapes: dict[str, TokenShape] = {}
+    shape: TokenShape | None = None
+    for name in [encoder, *reducers]:
+        node = spec.nodes[name]
+        infer = OPS[node.op].infer_shape
+        assert infer is not None, f"op {node.op!r} has no shape rule"
+        try:
+            shape = infer(node, shape, ctx)
+        except ShapeError as exc:
+            raise checker.error(name, exc.field, exc.message) from None
+        shapes[name] = shape
+    assert shape is not None
+    tokens_per_frame = shape.n
+
+    cache_node, dec_node = spec.nodes[cache], spec.nodes[decoder]
+    cache_info = OPS[cache_node.op]
+    assert cache_info.capacity is not None, f"op {cache_node.op!r} has no capacity rule"
+    capacity = cache_info.capacity(cache_node)
+    if capacity < tokens_per_frame + 1:
+        raise checker.error(cache, None,
+                            f"KV-cache capacity of {capacity} slots is less than "
+                            f"{tokens_per_frame + 1} ({tokens_per_frame} visual tokens per "
+                            f"frame + 1 decode token)")
+    if cache_info.check_cache is not None:
+        try:
+            cache_info.check_cache(cache_node, tokens_per_frame, dec_node)
+        except ShapeError as exc:
+            raise checker.error(cache, exc.field, exc.message) from None
+
+    return PipelineGraph(spec=spec, graph=g, encoder=encoder,
+                         reducer=reducers[0] if reducers else None, cache=cache,
+                         decoder=decoder, shapes=shapes, tokens_per_frame=tokens_per_frame,
+                         cache_capacity=capacity)
+
+
+@dataclass(frozen=True)
+class _Ref:
+    src: str  # referenced node or source
+    dst: str  # referencing node
+    field: str  # params field holding the reference
+    path: tuple[str | int, ...]  # spec path of the reference, for error locations
+
+
+class _Checker:
+    def __init__(self, spec: GraphSpec):
+        self.spec = spec
+        self.g = nx.DiGraph()
+        self.refs: list[_Ref] = []
+        self.order = {name: i for i, name in enumerate(spec.nodes)}
+
+    # ------------------------------------------------------------------ helpers
+    def error(self, node: str, field: str | int | None, message: str, *,
+              path: tuple[str | int, ...] | None = None) -> GraphError:
+        if path is None:
+            path = ("nodes", node) + ((field,) if field is not None else ())
+        # a node-level error points at the node's name
+        err = self.spec.error_at(path, message, key=len(path) == 2, error=GraphError)
+        assert isinstance(err, GraphError)
+        return err
+
+    def describe_source(self, name: str) -> str:
+        if name in SOURCES:
+            return f"'{name}' (built-in source)"
+        return f"'{name}' ({self.spec.nodes[name].op} node)"
+
+    @staticmethod
+    def describe_type(t: PortType) -> str:
+        parts = [f"the built-in source '{s}'" for s, st in SOURCES.items() if st == t]
+        ops = producers(t)
+        if ops:
+            ops_text = ops[0] if len(ops) == 1 else f"{', '.join(ops[:-1])} or {ops[-1]}"
+            parts.append(f"a {ops_text} node")
+        return f"{t} ({' or '.join(parts)})" if parts else str(t)
+
+    # ------------------------------------------------------------------ 1. references
+    def build(self) -> nx.DiGraph:
+        g, spec = self.g, self.spec
+        for src, t in SOURCES.items():
+            g.add_node(src, kind="source", op=None, type=t, spec=None)
+        for name, node in spec.nodes.items():
+            info = OPS[node.op]
+            g.add_node(name, kind=info.kind, op=node.op, type=info.output, spec=node)
+        known = sorted(spec.nodes)
+        for name, node in spec.nodes.items():
+            for field in OPS[node.op].input_fields():
+                value = getattr(node, field)
+                items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+                for index, ref in items:
+                    path = ("nodes", name, field) + ((index,) if index is not None else ())
+                    if ref not in g:
+                        hint = difflib.get_close_matches(ref, known + sorted(SOURCES), n=1)
+                        msg = (f"unknown node {ref!r} (defined: {', '.join(known) or 'none'};"
+                               f" built-in sources: {', '.join(sorted(SOURCES))})")
+                        if hint:
+                            msg += f"; did you mean {hint[0]!r}?"
+                        raise self.error(name, None, msg, path=path)
+                    self.refs.append(_Ref(ref, name, field, path))
+                    g.add_edge(ref, name, port=None, field=field)
+        return g
+
+    # ------------------------------------------------------------------ 2. cycles
+    def check_acyclic(self) -> None:
+        try:
+            cycle = nx.find_cycle(self.g)
+        except nx.NetworkXNoCycle:
+            return
+        # start the cycle at the node defined first in the file
+        i = min(range(len(cycle)), key=lambda k: self.order.get(cycle[k][1], 1 << 30))
+        edges = cycle[i:] + cycle[:i]
+        start = edges[0][1]
+        names = [start] + [v for _, v in edges[1:]] + [start]
+        closing = edges[0][0]  # `start` references `closing`, closing the cycle
+        ref = next(r for r in self.refs if r.dst == start and r.src == closing)
+        raise self.error(start, None, f"cycle in the graph: {' -> '.join(names)} (the graph "
+                         f"must be acyclic)", path=ref.path)
+
+    # ------------------------------------------------------------------ 3. one decoder
+    def check_one_decoder(self) -> str:
+        decoders = [n for n, node in self.spec.nodes.items() if OPS[node.op].kind == "decoder"]
+        if not decoders:
+            raise self.spec.error_at(("nodes",), "the graph has no decoder node (op: decoder);"
+                                     " exactly one is required", key=True, error=GraphError)
+        if len(decoders) > 1:
+            raise self.error(decoders[1], None,
+                             f"found {len(decoders)} decoder nodes ({', '.join(decoders)}); "
+                             f"exactly one is required")
+        return decoders[0]
+
+    # ------------------------------------------------------------------ 4. port types
+    def check_ports(self) -> None:
+        for name, node in self.spec.nodes.items():
+            info = OPS[node.op]
+            for field in info.input_fields():
+                ports = [p for p in info.inputs if p.field == field]
+                refs = [r for r in self.refs if r.dst == name and r.field == field]
+                expected = " and ".join(self.describe_type(p.type) for p in ports)
+                filled: dict[str, _Ref] = {}
+                for ref in refs:
+                    t = self.g.nodes[ref.src]["type"]
+                    if t is None:
+                        raise self.error(name, None, f"{self.describe_source(ref.src)} has no "
+                                         f"output port and cannot be an input",
+                                         path=ref.path)
+                    port = next((p for p in ports if p.type == t), None)
+                    if port is None:
+                        takes = "needs" if len(ports) == 1 else f"'{field}' takes one"
+                        raise self.error(name, None, f"{self.describe_source(ref.src)} "
+                                         f"produces {t}, but {node.op} {takes} {expected}",
+                                         path=ref.path)
+                    if port.name in filled:
+                        raise self.error(name, None, f"second {t} input "
+                                         f"{self.describe_source(ref.src)}: {node.op} "
+                                         f"'{field}' takes exactly one {t} (already got "
+                                         f"{filled[port.name].src!r})", path=ref.path)
+                    filled[port.name] = ref
+                    self.g.edges[ref.src, name]["port"] = port.name
+                missing = [p for p in ports if p.name not in filled]
+                if missing:
+                    got = ", ".join(repr(r.src) for r in refs) or "nothing"
+                    raise self.error(name, field, f"missing {missing[0].type} input: "
+                                     f"{node.op} '{field}' needs {expected}; got {got}")
+
+    # ------------------------------------------------------------------ 5. dangling
+    def check_dangling(self, decoder: str) -> None:
+        for name, node in self.spec.nodes.items():
+            info = OPS[node.op]
+            if info.output is None or self.g.out_degree(name) > 0:
+                continue
+            if info.kind == "cache":
+                used = self.spec.nodes[decoder].cache
+                raise self.error(name, None, f"cache policy {name!r} is not used: decoder "
+                                 f"{decoder!r} uses cache {used!r}; remove one of them")
+            raise self.error(name, None, f"output of {name!r} ({node.op}) is not used by any "
+                             f"node; v1 supports a single chain {V1_TOPOLOGY}")
+
+    # ------------------------------------------------------------------ 6. v1 chain
+    def input_of(self, name: str, port: str) -> str:
+        return next(u for u, _, p in self.g.in_edges(name, data="port") if p == port)
+
+    def check_chain(self, decoder: str) -> tuple[str, list[str], str]:
+        cache = self.input_of(decoder, "cache")
+        chain: list[str] = []
+        current = self.input_of(decoder, "visual")
+        while self.g.nodes[current]["kind"] == "reducer":
+            chain.append(current)
+            current = self.input_of(current, "input")
+        reducers = chain[::-1]
+        if self.g.nodes[current]["kind"] != "encoder":  # a future op kind
+            raise self.error(current, None, f"{current!r} is not an encoder; v1 supports a "
+                             f"single chain {V1_TOPOLOGY}")
+        encoder = current
+        if len(reducers) > 1:
+            path_text = " -> ".join(["frames", encoder, *reducers, decoder])
+            raise self.error(reducers[1], "input", f"v1 supports at most one token reducer "
+                             f"between the encoder and the decoder, got {path_text}")
+        on_chain = {encoder, *reducers, cache, decoder}
+        for name in self.spec.nodes:
+            if name not in on_chain:  # unreachable after the dangling check; kept as a guard
+                raise self.error(name, None, f"node {name!r} is not on the main chain; v1 "
+                                 f"supports a single chain {V1_TOPOLOGY}")
+        return encoder, reducers, cache

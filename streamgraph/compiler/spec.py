@@ -1,0 +1,653 @@
+"""Graph files: YAML -> typed, validated :class:`GraphSpec`.
+
+Every problem in a graph file raises :class:`~streamgraph.errors.SpecError` whose ``str``
+is one line, ``FILE:LINE:COL: FIELD: MESSAGE``, pointing at the YAML node at fault::
+
+    g.yaml:10:40: slo.ttft_ms: must be > 0, got -5
+
+Parsing composes the YAML (keeping every node's line and column), rejects duplicate
+keys, constructs plain values, checks each node's ``op`` against the registry
+(:mod:`streamgraph.compiler.ops`), then validates with pydantic (strict types, unknown
+fields forbidden) and converts pydantic's errors into located messages. Structural
+checks across nodes (references, cycles, port types, shapes) live in
+:mod:`streamgraph.compiler.graph`.
+
+Regenerate ``docs/graph.schema.json`` with
+``python -m streamgraph.compiler.spec > docs/graph.schema.json``.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
+from pydantic.json_schema import GenerateJsonSchema
+
+from streamgraph.compiler.ops import (OPS, SOURCES, DecoderNode, FullNode, NoneNode,
+                                      SinkWindowNode, TopkSaliencyNode, VisionEncoderNode,
+                                      op_names)
+from streamgraph.errors import SpecError
+
+__all__ = [
+    "GraphSpec", "ModelSpec", "StreamSpec", "SLOSpec", "BudgetSpec", "NodeSpec",
+    "OverloadPolicy", "OVERLOAD_POLICIES", "ModelPreset", "MODEL_PRESETS", "NODE_NAME_PATTERN",
+    "GRAPH_NAME_PATTERN", "RESERVED_NODE_NAMES", "load_spec", "parse_spec", "json_schema",
+    "format_path",
+    # op params models, defined with their registry entries in streamgraph.compiler.ops
+    "VisionEncoderNode", "TopkSaliencyNode", "NoneNode", "FullNode", "SinkWindowNode",
+    "DecoderNode",
+]
+
+#: Overload policies of the scheduler (``slo.overload``); extend here.
+OverloadPolicy = Literal["drop_late", "none"]
+OVERLOAD_POLICIES: tuple[str, ...] = typing.get_args(OverloadPolicy)
+
+#: Random-weight model presets (``model.preset``); extend here.
+ModelPreset = Literal["tiny"]
+MODEL_PRESETS: tuple[str, ...] = typing.get_args(ModelPreset)
+
+GRAPH_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+NODE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+#: Node names taken by the built-in sources.
+RESERVED_NODE_NAMES: tuple[str, ...] = tuple(sorted(SOURCES))
+
+_PATTERN_HINTS = {
+    GRAPH_NAME_PATTERN: "must start with a letter or digit and contain only letters, "
+                        "digits, '_', '.' and '-'",
+    NODE_NAME_PATTERN: "must start with a letter or '_' and contain only letters, digits "
+                       "and '_'",
+}
+
+_TOP_LEVEL_KEYS = "version, name, model, stream, nodes, slo, budget"
+
+
+# --------------------------------------------------------------------------- models
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+
+class ModelSpec(_Section):
+    """Which model weights to use: exactly one of `preset` or `hf`."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "oneOf": [{"required": ["preset"]}, {"required": ["hf"]}]})
+
+    preset: ModelPreset | None = None
+    """Built-in architecture with random weights (for tests and benchmarks)."""
+    hf: str | None = Field(None, min_length=1)
+    """Local directory of a Hugging Face checkpoint (config.json + safetensors); a
+    relative path is relative to the graph file."""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Seed of the random weights of a preset."""
+    dtype: Literal["float32"] = "float32"
+    """Weight and activation dtype."""
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> "ModelSpec":
+        if (self.preset is None) == (self.hf is None):
+            got = "both" if self.preset is not None else "neither"
+            raise ValueError(f"exactly one of 'preset' ({', '.join(map(repr, MODEL_PRESETS))})"
+                             f" or 'hf' (checkpoint directory) is required, got {got}")
+        return self
+
+
+class StreamSpec(_Section):
+    """The input frame stream."""
+
+    fps: float = Field(gt=0, allow_inf_nan=False)
+    """Sampling fps: frames per second taken from the source."""
+    frame_size: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]] = Field(
+        (64, 64), strict=False)
+    """[height, width] in pixels that frames are resized to (each >= 8)."""
+
+
+class SLOSpec(_Section):
+    """Latency SLO of the pipeline."""
+
+    frame_deadline_ms: float = Field(gt=0, allow_inf_nan=False)
+    """Deadline of each frame: capture timestamp + this many milliseconds."""
+    ttft_ms: float = Field(gt=0, allow_inf_nan=False)
+    """Time-to-first-token deadline of a question, in milliseconds."""
+    overload: OverloadPolicy = "drop_late"
+    """What the scheduler does when frames would miss their deadline: `drop_late` drops
+    frames that cannot meet it, `none` runs every frame late."""
+
+
+class BudgetSpec(_Section):
+    """Resource budget the plan must fit in."""
+
+    memory_mb: float = Field(gt=0, allow_inf_nan=False)
+    """Device memory for weights, KV cache and activations, in MiB."""
+
+
+#: Discriminated union of every registered op's params model (discriminator: ``op``).
+NodeSpec = Annotated[Union[tuple(info.params for info in OPS.values())],  # type: ignore[misc]
+                     Field(discriminator="op")]
+
+
+class GraphSpec(_Section):
+    """A streaming pipeline: model, frame stream, nodes (the graph), SLO and budget."""
+
+    version: Literal[1]
+    """Graph file format version."""
+    name: str = Field(pattern=GRAPH_NAME_PATTERN)
+    """Pipeline name; also the build directory name (build/<name>)."""
+    model: ModelSpec
+    stream: StreamSpec
+    nodes: dict[str, NodeSpec] = Field(json_schema_extra={"propertyNames": {
+        "pattern": NODE_NAME_PATTERN, "not": {"enum": list(RESERVED_NODE_NAMES)}}})
+    """Graph nodes by name; each names an `op`, edges are the `input:` and `cache:`
+    fields."""
+    slo: SLOSpec
+    budget: BudgetSpec
+
+    _source_file: str = PrivateAttr("<graph>")
+    _root: Any = PrivateAttr(None)  # composed yaml.Node of the file, for locations
+
+    @field_validator("nodes")
+    @classmethod
+    def _check_node_names(cls, nodes: dict[str, Any]) -> dict[str, Any]:
+        for name in nodes:
+            problem = _node_name_problem(name)
+            if problem:
+                raise ValueError(f"node {name!r}: {problem}")
+        return nodes
+
+    def __eq__(self, other: object) -> bool:
+        """Specs are equal when their content is; where they were read from is ignored."""
+        if not isinstance(other, GraphSpec):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every BaseModel
+
+    @property
+    def source_file(self) -> str:
+        """File the spec was read from (``<string>`` or ``<graph>`` if none)."""
+        return self._source_file
+
+    def locate(self, path: tuple[str | int, ...], *, key: bool = False
+               ) -> tuple[int, int] | None:
+        """1-based ``(line, col)`` of the YAML node at ``path`` (e.g. ``("nodes", "llm",
+        "input", 0)``), or of its nearest existing parent; with ``key=True`` and a mapping
+        key last, the key's position. ``None`` if the spec was not read from YAML."""
+        return _locate(self._root, path, key=key)
+
+    def error_at(self, path: tuple[str | int, ...], message: str, *, key: bool = False,
+                 error: type[SpecError] = SpecError) -> SpecError:
+        """An ``error`` instance (``SpecError`` or a subclass such as ``GraphError``) for
+        ``message`` located at ``path`` of this spec's file; the caller raises it."""
+        pos = self.locate(path, key=key)
+        line, col = pos if pos else (None, None)
+        return error(_one_line(message), file=self._source_file, line=line, col=col,
+                     field=format_path(path) or None)
+
+    def resolve_path(self, path: str | os.PathLike) -> Path:
+        """``path`` made absolute relative to the graph file's directory (the current
+        directory if the spec was not read from a file)."""
+        p = Path(path).expanduser()
+        if p.is_absolute():
+            return p
+        src = Path(self._source_file)
+        base = src.parent if self._source_file not in ("<string>", "<graph>") else Path.cwd()
+        return (base / p).resolve()
+
+    def normalized(self) -> dict:
+        """Canonical JSON-able dict of the spec (defaults filled in, keys sorted at every
+        level); hashing it gives the graph part of the build lock key."""
+        return _sorted(self.model_dump(mode="json"))
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+def _node_name_problem(name: Any) -> str | None:
+    if not isinstance(name, str) or not re.match(NODE_NAME_PATTERN, name):
+        return f"invalid node name {name!r}: {_PATTERN_HINTS[NODE_NAME_PATTERN]}"
+    if name in SOURCES:
+        return (f"node name {name!r} is reserved for the built-in "
+                f"{SOURCES[name].value} source; choose another name")
+    return None
+
+
+# --------------------------------------------------------------------------- public API
+
+def load_spec(path: str | os.PathLike) -> GraphSpec:
+    """Read and validate the graph file at ``path``.
+
+    Raises :class:`SpecError` naming the file if it is missing, unreadable or not UTF-8,
+    and everything :func:`parse_spec` raises.
+    """
+    filename = os.fspath(path)
+    try:
+        raw = Path(filename).read_bytes()
+    except OSError as exc:
+        raise SpecError(f"cannot read graph file: {exc.strerror or exc}", file=filename) from exc
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError("graph file is not valid UTF-8", file=filename, line=line,
+                        col=col) from exc
+    return parse_spec(text, filename=filename)
+
+
+def parse_spec(text: str, filename: str = "<string>") -> GraphSpec:
+    """Parse and validate graph YAML ``text``; ``filename`` is used in error messages.
+
+    Raises :class:`SpecError` (``FILE:LINE:COL: FIELD: MESSAGE``) for malformed YAML,
+    duplicate keys, an empty file or a top level that is not a mapping, unknown ops,
+    unknown fields, wrong types, out-of-range values and missing fields. When there are
+    several problems the first in file order is reported, with "(and N more errors)".
+    """
+    root, data = _compose(text, filename)
+    issues: list[_Issue] = []
+    if data is None:  # no document, only comments, or a lone `---`
+        raise SpecError(f"graph file is empty; expected a mapping with {_TOP_LEVEL_KEYS}",
+                        file=filename, line=1, col=1)
+    if not isinstance(data, dict):
+        line, col = _mark(root)
+        raise SpecError(f"expected a mapping with {_TOP_LEVEL_KEYS} at the top level, got "
+                        f"{_describe(data)}", file=filename, line=line, col=col)
+
+    nodes_raw = data.get("nodes")
+    if isinstance(nodes_raw, dict):
+        nodes: dict[str, Any] = {}
+        for name, body in nodes_raw.items():
+            node = _parse_node(name, body, issues)
+            if node is not None:
+                nodes[name] = node
+        data = {**data, "nodes": nodes}
+    spec: GraphSpec | None = None
+    try:
+        spec = GraphSpec.model_validate(data)
+    except ValidationError as exc:
+        issues.extend(_convert_errors(exc, GraphSpec, ()))
+    if issues or spec is None:
+        raise _to_error(issues, root, filename)
+    spec._source_file = filename
+    spec._root = root
+    return spec
+
+
+class _SchemaGenerator(GenerateJsonSchema):
+    # Optional fields (model.preset, model.hf) are shown as their type only: `null` is
+    # accepted but never what an author means to write.
+    def nullable_schema(self, schema):  # type: ignore[override]
+        return self.generate_inner(schema["schema"])
+
+
+def json_schema() -> dict:
+    """JSON Schema (draft 2020-12) of graph files, for editors (``docs/graph.schema.json``).
+
+    Cross-node rules (references, cycles, port types, shapes) are not expressible in the
+    schema; :func:`streamgraph.compiler.graph.build_graph` checks them.
+    """
+    schema = _drop_null_defaults(GraphSpec.model_json_schema(schema_generator=_SchemaGenerator))
+    schema["title"] = "streamgraph graph file"
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def _drop_null_defaults(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {k: _drop_null_defaults(v) for k, v in schema.items()
+                if not (k == "default" and v is None)}
+    if isinstance(schema, list):
+        return [_drop_null_defaults(v) for v in schema]
+    return schema
+
+
+def format_path(path: tuple[str | int, ...]) -> str:
+    """Dotted field path: ``("nodes", "llm", "input", 0)`` -> ``nodes.llm.input[0]``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        else:
+            text = str(part)
+            out += ("." if out else "") + (text if text.isprintable() else repr(text))
+    return out
+
+
+def _one_line(text: str) -> str:
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+# --------------------------------------------------------------------------- YAML
+
+# (path, message, located at the key, a missing field: sorted after its mapping's fields)
+_Issue = tuple[tuple[Any, ...], str, bool, bool]
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _compose(text: str, filename: str) -> tuple[yaml.Node | None, Any]:
+    """Compose (positions) and construct (values) one YAML document."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            # before constructing: the constructor flattens `<<` merge keys in place
+            issues = _duplicate_keys(root)
+            if issues:
+                raise _to_error(issues, root, filename)
+            data = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        msg = exc.problem or exc.context or "malformed YAML"
+        if exc.problem and exc.context and exc.problem.startswith("but "):
+            msg = f"{exc.context}, {exc.problem}"  # "expected X, but found Y"
+        elif exc.problem and exc.context:
+            ctx = exc.context
+            if exc.context_mark is not None and exc.context_mark is not mark:
+                ctx += f" at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1}"
+            msg += f" ({ctx})"
+        line, col = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+        raise SpecError(_one_line(f"invalid YAML: {msg}"), file=filename, line=line,
+                        col=col) from None
+    except yaml.reader.ReaderError as exc:
+        pos = max(0, min(exc.position, len(text)))
+        line = text.count("\n", 0, pos) + 1
+        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        char = exc.character
+        shown = f"#x{char:04x}" if isinstance(char, int) else repr(char)
+        raise SpecError(f"invalid YAML: unacceptable character {shown}: {exc.reason}",
+                        file=filename, line=line, col=col) from None
+    except yaml.YAMLError as exc:
+        msg = (str(exc).strip().splitlines() or ["malformed YAML"])[0]
+        raise SpecError(_one_line(f"invalid YAML: {msg}"), file=filename) from None
+    except RecursionError:
+        raise SpecError("invalid YAML: nesting too deep", file=filename) from None
+    return root, data
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _duplicate_keys(root: yaml.Node | None) -> list[_Issue]:
+    issues: list[_Issue] = []
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, tuple[Any, ...]]] = [(root, ())] if root is not None else []
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen:  # aliases share nodes
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], yaml.Node] = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != _MERGE_TAG:
+                    ident = (k.tag, k.value)
+                    if ident in first:
+                        line, col = _mark(first[ident])
+                        issues.append((path + (k.value,), f"duplicate key {k.value!r} (first "
+                                       f"defined at line {line}, column {col})", True, False))
+                    else:
+                        first[ident] = k
+                    stack.append((v, path + (k.value,)))
+                else:
+                    stack.append((v, path))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, path + (i,)) for i, v in enumerate(node.value))
+    return issues
+
+
+def _find_key(node: yaml.MappingNode, part: Any) -> tuple[yaml.Node, yaml.Node] | None:
+    # After construction, `<<: *anchor` merges are flattened into node.value (merged
+    # pairs first), so a merged key is found where the anchored mapping defines it.
+    found = None
+    for k, v in node.value:
+        if isinstance(k, yaml.ScalarNode) and k.tag != _MERGE_TAG and k.value == str(part):
+            found = (k, v)  # the last one wins, like the constructor
+    return found
+
+
+def _locate_node(root: yaml.Node | None, path: tuple[Any, ...], *, key: bool = False
+                 ) -> yaml.Node | None:
+    """The YAML node at ``path`` (its key node with ``key=True``), else its nearest parent."""
+    if root is None:
+        return None
+    node = root
+    for i, part in enumerate(path):
+        if isinstance(node, yaml.MappingNode):
+            found = _find_key(node, part)
+            if found is None:
+                break
+            if key and i == len(path) - 1:
+                return found[0]
+            node = found[1]
+        elif (isinstance(node, yaml.SequenceNode) and isinstance(part, int)
+              and not isinstance(part, bool) and 0 <= part < len(node.value)):
+            node = node.value[part]
+        else:
+            break
+    return node
+
+
+def _locate(root: yaml.Node | None, path: tuple[Any, ...], *, key: bool = False
+            ) -> tuple[int, int] | None:
+    node = _locate_node(root, path, key=key)
+    return _mark(node) if node is not None else None
+
+
+def _to_error(issues: list[_Issue], root: yaml.Node | None, filename: str) -> SpecError:
+    located = []
+    for order, (path, message, at_key, missing) in enumerate(issues):
+        node = _locate_node(root, path, key=at_key)
+        pos = _mark(node) if node is not None else (None, None)
+        # a missing field is reported at its mapping, but after the mapping's own problems
+        # (an unknown field next to a missing one is usually the same typo)
+        mark = (node.end_mark if missing else node.start_mark) if node is not None else None
+        sort_key = (mark.line, mark.column, order) if mark is not None else (-1, -1, order)
+        located.append((sort_key, pos, path, message))
+    located.sort(key=lambda item: item[0])
+    _, (line, col), path, message = located[0]
+    more = len(located) - 1
+    if more:
+        message += f" (and {more} more error{'s' if more > 1 else ''})"
+    return SpecError(_one_line(message), file=filename, line=line, col=col,
+                     field=format_path(path) or None)
+
+
+# --------------------------------------------------------------------------- nodes
+
+def _parse_node(name: Any, body: Any, issues: list[_Issue]) -> BaseModel | None:
+    """Validate one node; append issues and return None if it is invalid."""
+    base = ("nodes", str(name))
+    problem = _node_name_problem(name)
+    if problem:
+        issues.append((base, problem, True, False))
+        return None
+    if not isinstance(body, dict):
+        issues.append((base, f"expected a mapping with an 'op' key, got {_describe(body)}",
+                       False, False))
+        return None
+    if "op" not in body:
+        issues.append((base + ("op",), f"field required (allowed ops: "
+                       f"{', '.join(op_names())})", False, False))
+        return None
+    op = body["op"]
+    if not isinstance(op, str) or op not in OPS:
+        got = repr(op) if isinstance(op, str) else _describe(op)
+        message = f"unknown op {got} (allowed: {', '.join(op_names())})"
+        if isinstance(op, str):
+            message += _did_you_mean(op, op_names())
+        issues.append((base + ("op",), message, False, False))
+        return None
+    model = OPS[op].params
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        issues.extend(_convert_errors(exc, model, base))
+        return None
+
+
+# --------------------------------------------------------------------------- pydantic errors
+
+def _describe(value: Any) -> str:
+    """A YAML-flavoured description of a value, for 'got ...'."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _num(value: Any) -> str:
+    """``5.0`` -> ``5``; other values unchanged."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _type_at(model: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """The annotation at ``loc`` inside ``model`` (None if it cannot be followed)."""
+    tp: Any = model
+    for part in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            tp = field.annotation
+            continue
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is list and args:
+            tp = args[0]
+        elif origin is tuple and args and isinstance(part, int):
+            if len(args) == 2 and args[1] is Ellipsis:
+                tp = args[0]
+            elif 0 <= part < len(args):
+                tp = args[part]
+            else:
+                return None
+        elif origin is dict and len(args) == 2:
+            tp = args[1]
+        else:
+            return None
+    return _unwrap(tp)
+
+
+def _convert_errors(exc: ValidationError, model: type[BaseModel],
+                    base: tuple[Any, ...]) -> list[_Issue]:
+    issues: list[_Issue] = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        at_key = False
+        if loc and loc[-1] == "[key]":
+            loc, at_key = loc[:-1], True
+        kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+        got = _describe(value)
+        if kind == "missing":
+            message = "field required"
+        elif kind == "extra_forbidden":
+            at_key = True
+            parent = _type_at(model, loc[:-1])
+            allowed = (sorted(parent.model_fields) if isinstance(parent, type)
+                       and issubclass(parent, BaseModel) else [])
+            message = f"unknown field {str(loc[-1])!r}"
+            if allowed:
+                message += f" (allowed: {', '.join(allowed)})"
+                message += _did_you_mean(str(loc[-1]), allowed)
+        elif kind == "literal_error":
+            tp = _type_at(model, loc)
+            values = typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
+            shown = value if isinstance(value, (str, int, float)) else got
+            if len(values) == 1:
+                message = f"expected {values[0]!r}, got {shown!r}"
+            elif values:
+                message = f"expected one of {', '.join(map(repr, values))}, got {shown!r}"
+            else:
+                message = f"expected {ctx.get('expected', '?')}, got {shown!r}"
+        elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            op, bound = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"),
+                         "less_than": ("<", "lt"), "less_than_equal": ("<=", "le")}[kind]
+            message = f"must be {op} {_num(ctx.get(bound))}, got {_num(value)}"
+        elif kind == "finite_number":
+            message = f"must be a finite number, got {_num(value)}"
+        elif kind in ("int_type", "int_parsing", "int_from_float"):
+            message = f"expected an integer, got {got}"
+        elif kind in ("float_type", "float_parsing"):
+            message = f"expected a number, got {got}"
+        elif kind == "invalid_key":
+            message = f"keys must be strings, got {_describe(loc[-1])}"
+            loc, at_key = loc[:-1] + (str(loc[-1]),), True
+        elif kind == "string_type":
+            message = f"expected a string, got {got}"
+        elif kind in ("bool_type", "bool_parsing"):
+            message = f"expected true or false, got {got}"
+        elif kind in ("list_type", "tuple_type"):
+            message = f"expected a list, got {got}"
+        elif kind in ("dict_type", "model_type", "model_attributes_type"):
+            message = f"expected a mapping, got {got}"
+        elif kind in ("too_short", "too_long"):
+            want = ctx.get("min_length") if kind == "too_short" else ctx.get("max_length")
+            tp = _type_at(model, loc)
+            exact = (typing.get_origin(tp) is tuple and Ellipsis not in typing.get_args(tp))
+            qualifier = "exactly" if exact else ("at least" if kind == "too_short" else "at most")
+            message = (f"expected a list of {qualifier} {want} item{'s' if want != 1 else ''}, "
+                       f"got {ctx.get('actual_length')}")
+        elif kind == "string_too_short":
+            message = "must not be empty"
+        elif kind == "string_pattern_mismatch":
+            pattern = ctx.get("pattern", "")
+            hint = _PATTERN_HINTS.get(pattern, f"must match {pattern}")
+            message = f"{hint}, got {value!r}"
+        elif kind in ("value_error", "assertion_error"):
+            message = re.sub(r"^(Value error|Assertion failed), ", "", err["msg"])
+        else:
+            msg = err["msg"]
+            message = f"{msg[:1].lower()}{msg[1:]}, got {got}"
+        issues.append((base + loc, message, at_key, kind == "missing"))
+    return issues
+
+
+if __name__ == "__main__":  # python -m streamgraph.compiler.spec > docs/graph.schema.json
+    print(json.dumps(json_schema(), indent=2, sort_keys=True))
