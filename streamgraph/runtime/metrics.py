@@ -25,6 +25,7 @@ class FrameRecord:
     deadline_met: bool | None = None
     overran: str | None = None       # stage that overran, for a miss or a drop
     reason: str = ""
+    queue_len: int = 0               # frames pending (this one included) when it was decided
 
     @property
     def latency_ms(self) -> float | None:

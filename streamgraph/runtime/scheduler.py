@@ -1,81 +1,145 @@
-"""Per-frame deadline scheduling (first slice: ``drop_late`` and ``none``).
+"""Deadline-aware scheduling: overload policies, a per-stage cost model, decisions.
 
-Every frame gets ``deadline = capture time + slo.frame_deadline_ms``. Before a frame runs,
-the scheduler predicts its cost from a per-stage EWMA cost model and decides:
+Every frame gets ``deadline = capture time + slo.frame_deadline_ms``; a question gets
+``deadline = arrival + slo.ttft_ms`` for its first token and is served ahead of pending frames.
+When the executor becomes free, the policy first prunes the stream's pending frames, then
+decides how to run the one chosen (EDF across streams, see :mod:`streamgraph.runtime.runner`):
 
-* ``drop_late`` — drop the frame if it would start after its deadline, or if its predicted
-  finish (start + predicted cost) is after its deadline; otherwise run it.
-* ``none`` — always run (for parity tests and offline processing).
+* ``fifo`` (alias ``none``) — run every frame in arrival order, however late (the unbounded
+  baseline; latency grows without bound under overload).
+* ``drop_late`` — drop a frame that would start after its deadline or whose predicted finish
+  (start + predicted cost at full budget) is after it.
+* ``latest_only`` — keep only the newest pending frame, drop the older ones, run it at full
+  budget (a flow limiter, like MediaPipe's FlowLimiterCalculator or dora's drop_oldest).
+* ``degrade`` — run at the largest precompiled token budget whose predicted cost fits the
+  slack (deadline - now); only when even the smallest budget does not fit, drop.
 
-A question gets its own deadline, ``ask time + slo.ttft_ms`` for its first token.
+Costs come from :class:`CostModel`: an EWMA per stage and per budget bucket, calibrated at
+session start and updated online after every frame. The scheduler never reads a clock:
+callers pass ``now``, so tests run it deterministically on a virtual clock.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 FRAME_STAGES = ("preprocess", "encode", "reduce", "prefill")
-OVERLOAD_POLICIES = ("drop_late", "none")
+BUDGET_STAGES = ("reduce", "prefill")          # stages whose cost depends on the token budget
+OVERLOAD_POLICIES = ("drop_late", "latest_only", "degrade", "fifo", "none")
 
 
 class CostModel:
-    """EWMA of each stage's duration in seconds (``alpha`` weight of the newest sample)."""
+    """EWMA of each stage's duration in seconds, per token-budget bucket for the stages
+    that depend on it (``alpha`` = weight of the newest sample)."""
 
     def __init__(self, alpha: float = 0.3):
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
         self.mean: dict[str, float] = {}
 
-    def predict(self, stage: str) -> float | None:
-        return self.mean.get(stage)
+    @staticmethod
+    def key(stage: str, budget: int | None) -> str:
+        return f"{stage}@{budget}" if (stage in BUDGET_STAGES and budget is not None) else stage
 
-    def predict_frame(self) -> float | None:
-        """Predicted seconds for one frame, or None before any frame was measured."""
-        if not all(s in self.mean for s in FRAME_STAGES if s != "reduce"):
+    def predict(self, stage: str, budget: int | None = None) -> float | None:
+        """Predicted seconds for ``stage`` (at ``budget``), or None if never measured."""
+        return self.mean.get(self.key(stage, budget))
+
+    def predict_stages(self, budget: int | None) -> dict[str, float]:
+        """Predicted seconds per frame stage (0 for stages never measured)."""
+        return {s: self.predict(s, budget) or 0.0 for s in FRAME_STAGES}
+
+    def predict_frame(self, budget: int | None, stages=FRAME_STAGES) -> float | None:
+        """Predicted seconds for a whole frame at ``budget``; None until encode and prefill
+        have been measured at that budget."""
+        if self.predict("encode") is None or self.predict("prefill", budget) is None:
             return None
-        return sum(self.mean.get(s, 0.0) for s in FRAME_STAGES)
+        return sum(self.predict(s, budget) or 0.0 for s in stages)
 
-    def update(self, stage: str, seconds: float) -> None:
-        old = self.mean.get(stage)
-        self.mean[stage] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+    def update(self, stage: str, seconds: float, budget: int | None = None) -> None:
+        k = self.key(stage, budget)
+        old = self.mean.get(k)
+        self.mean[k] = seconds if old is None else (1 - self.alpha) * old + self.alpha * seconds
+
+    def set(self, stage: str, seconds: float, budget: int | None = None) -> None:
+        """Overwrite a prediction (calibration, or given costs in simulations)."""
+        self.mean[self.key(stage, budget)] = float(seconds)
 
 
 @dataclass
 class Decision:
-    action: str          # "run" | "drop"
-    deadline: float      # stream seconds
+    """What to do with one frame: ``action`` is "run" or "drop"; ``budget`` the token budget
+    to run at; ``deadline`` in stream seconds; ``reason`` says why (for drops and degrades)."""
+
+    action: str
+    deadline: float
+    budget: int | None = None
     reason: str = ""
+    predicted_s: float | None = None
 
 
 class Scheduler:
-    """Decides run/drop for each frame. ``overload`` is one of :data:`OVERLOAD_POLICIES`.
+    """Overload policy of one stream.
 
-    Raises ValueError for an unknown policy."""
+    ``budgets`` are the precompiled token-budget buckets, ascending (the largest is the full
+    budget). Raises ValueError for an unknown policy or an empty budget list."""
 
-    def __init__(self, overload: str, frame_deadline_ms: float, ttft_ms: float):
+    def __init__(self, overload: str, frame_deadline_ms: float, ttft_ms: float,
+                 budgets: list[int] | None = None, costs: CostModel | None = None):
         if overload not in OVERLOAD_POLICIES:
             raise ValueError(f"unknown overload policy {overload!r} (allowed: {', '.join(OVERLOAD_POLICIES)})")
-        self.overload = overload
+        self.overload = "fifo" if overload == "none" else overload
         self.frame_deadline = frame_deadline_ms / 1000.0
         self.ttft = ttft_ms / 1000.0
-        self.costs = CostModel()
+        self.budgets = sorted(budgets) if budgets else [None]
+        self.costs = costs or CostModel()
+
+    @property
+    def full_budget(self):
+        return self.budgets[-1]
 
     def frame_deadline_for(self, capture: float) -> float:
         return capture + self.frame_deadline
 
-    def decide(self, capture: float, now: float) -> Decision:
-        deadline = self.frame_deadline_for(capture)
-        if self.overload == "none":
-            return Decision("run", deadline)
-        if now > deadline:
-            return Decision("drop", deadline, f"would start {1000 * (now - deadline):.1f} ms after its deadline")
-        predicted = self.costs.predict_frame()
-        if predicted is not None and now + predicted > deadline:
-            return Decision("drop", deadline,
-                            f"predicted finish {1000 * (now + predicted - deadline):.1f} ms after its deadline")
-        return Decision("run", deadline)
+    def prune(self, captures: list[float], now: float) -> list[tuple[int, str]]:
+        """Indices (into ``captures``, pending frames in arrival order) the policy drops
+        before choosing what to run at ``now``, each with a reason."""
+        if self.overload == "latest_only" and len(captures) > 1:
+            return [(i, "superseded by a newer frame") for i in range(len(captures) - 1)]
+        if self.overload in ("drop_late", "degrade"):
+            out = []
+            smallest = self.budgets[0] if self.overload == "degrade" else self.full_budget
+            cost = self.costs.predict_frame(smallest) or 0.0
+            for i, c in enumerate(captures):
+                late = now + cost - self.frame_deadline_for(c)
+                if late > 0:
+                    out.append((i, f"cannot meet its deadline (predicted {1000 * late:.1f} ms late)"))
+            return out
+        return []
 
-    def overrunning_stage(self, stage_s: dict[str, float], queue_s: float, predicted: dict[str, float]) -> str:
-        """Stage whose time exceeded its prediction by the most (``queue`` = waiting to start,
-        predicted 0). Used to explain a deadline miss."""
+    def decide(self, capture: float, now: float) -> Decision:
+        """Run (at which budget) or drop the frame captured at ``capture``, starting ``now``."""
+        deadline = self.frame_deadline_for(capture)
+        full = self.full_budget
+        if self.overload in ("fifo", "latest_only"):
+            return Decision("run", deadline, full, predicted_s=self.costs.predict_frame(full))
+        slack = deadline - now
+        if slack < 0:
+            return Decision("drop", deadline, None, f"would start {-1000 * slack:.1f} ms after its deadline")
+        candidates = [full] if self.overload == "drop_late" else list(reversed(self.budgets))
+        for b in candidates:
+            pred = self.costs.predict_frame(b)
+            if pred is None or pred <= slack:
+                reason = "" if b == full else f"degraded to {b} tokens (predicted {1000 * (pred or 0):.1f} ms, slack {1000 * slack:.1f} ms)"
+                return Decision("run", deadline, b, reason, pred)
+        pred = self.costs.predict_frame(candidates[-1]) or 0.0
+        return Decision("drop", deadline, None,
+                        f"predicted {1000 * pred:.1f} ms at budget {candidates[-1]} exceeds slack {1000 * slack:.1f} ms")
+
+    @staticmethod
+    def overrunning_stage(stage_s: dict[str, float], queue_s: float, predicted: dict[str, float]) -> str:
+        """The stage whose time exceeded its prediction by the most; ``queue`` (waiting to
+        start, predicted 0) when the frame lost most of its time before it started."""
         over = {"queue": queue_s}
         for s, t in stage_s.items():
             over[s] = t - predicted.get(s, 0.0)

@@ -23,21 +23,23 @@ from streamgraph.backends.base import Backend, open_backend
 from streamgraph.compiler.bundle import Bundle
 from streamgraph.runtime.clock import Clock, SimulatedClock
 from streamgraph.runtime.kv import CachePolicy, KVBuffer, make_policy
-from streamgraph.runtime.metrics import FrameRecord, QuestionRecord, Report, summarize
+from streamgraph.runtime.metrics import QuestionRecord
 from streamgraph.runtime.preprocess import preprocess_frame
 from streamgraph.runtime.scheduler import Scheduler
+from streamgraph.runtime.stream import StreamBase
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 
 
-class Session:
+class Session(StreamBase):
     """A live streaming session over one bundle.
 
     Use :meth:`open`. ``push_frame`` runs (or drops) one frame under its deadline and returns
     its :class:`~streamgraph.runtime.metrics.FrameRecord`; ``ask`` streams an answer's text
     pieces; ``report`` summarises the run. With ``trace=True`` every decoder step's logits are
-    kept in ``self.trace`` (for parity tests).
+    kept in ``self.trace`` (for parity tests). Several sessions can share one executor through
+    :class:`~streamgraph.runtime.runner.StreamRunner` (EDF across streams).
     """
 
     def __init__(self, bundle: Bundle, backend: Backend, *, clock: Clock | None = None,
@@ -47,9 +49,10 @@ class Session:
         self.bundle = bundle
         self.plan = bundle.plan
         self.backend = backend
-        self.clock = clock or SimulatedClock()
         slo = bundle.manifest["slo"]
-        self.scheduler = Scheduler(overload or slo["overload"], slo["frame_deadline_ms"], slo["ttft_ms"])
+        self.budgets = list(getattr(self.plan, "budgets", None) or [self.plan.tokens_per_frame])
+        StreamBase.__init__(self, Scheduler(overload or slo["overload"], slo["frame_deadline_ms"], slo["ttft_ms"],
+                                            budgets=self.budgets), clock or SimulatedClock())
         self.tokenizer = Tokenizer.from_file(str(bundle.path / bundle.manifest["prompt"]["tokenizer"]))
         self.kv = KVBuffer(self.plan.kv.shape, self.plan.kv.dtype)
         if self.kv.nbytes != self.plan.kv.bytes:
@@ -58,9 +61,6 @@ class Session:
         self.policy: CachePolicy = make_policy(cache["op"], cache["params"])
         self.trace_enabled = trace
         self.trace: list[dict] = []
-        self.frames: list[FrameRecord] = []
-        self.questions: list[QuestionRecord] = []
-        self._frame_count = 0
         self._answer_open = False
         self._stop_ids = {self.tokenizer.token_to_id(IM_END), self.tokenizer.token_to_id(ENDOFTEXT)}
         system = bundle.manifest["prompt"]["system"]
@@ -79,9 +79,9 @@ class Session:
 
     # ------------------------------------------------------------------ decoder steps
     def _decoder_step(self, embeds: np.ndarray, n_valid: int, kind: str,
-                      offsets: np.ndarray | None = None) -> np.ndarray:
-        """Run one chunk ``embeds [1,T,C]`` (first ``n_valid`` valid) and write its KV.
-        Returns ``logits [V]`` of the last valid token."""
+                      offsets: np.ndarray | None = None, commit: bool = True) -> np.ndarray:
+        """Run one chunk ``embeds [1,T,C]`` (first ``n_valid`` valid) and (``commit``) write
+        its KV. Returns ``logits [V]`` of the last valid token."""
         t = embeds.shape[1]
         step = self.policy.plan_step(t, n_valid, offsets)
         valid = np.zeros((1, t), dtype=bool)
@@ -90,9 +90,11 @@ class Session:
             "inputs_embeds": embeds, "positions": step.positions[None], "token_valid": valid,
             "kv_cache": self.kv.data, "cache_positions": step.cache_positions[None],
             "cache_valid": step.cache_valid[None]})
+        logits = out["logits"][0]
+        if not commit:
+            return logits
         self.kv.write(out["new_kv"], step.write_slots)
         self.policy.commit(step)
-        logits = out["logits"][0]
         if self.trace_enabled:
             self.trace.append({"kind": kind, "logits": logits.copy(), "inputs_embeds": embeds.copy(),
                                "n_valid": n_valid})
@@ -111,51 +113,48 @@ class Session:
         return self._prefill_ids(self.tokenizer.encode(text).ids, kind)
 
     # ------------------------------------------------------------------ frames
-    def push_frame(self, frame, timestamp: float | None = None) -> FrameRecord:
-        """Run one frame through encoder -> reducer -> prefill, or drop it.
+    @property
+    def slots_in_use(self) -> int:
+        return self.policy.slots_in_use
 
-        ``frame`` is a :class:`~streamgraph.runtime.sources.Frame` or an ``[H,W,3]`` uint8 RGB
-        array with ``timestamp`` (capture time, stream seconds). The clock first waits for the
-        capture time (the frame's arrival); the scheduler then decides run/drop against
-        ``deadline = capture + frame_deadline_ms``. Raises CapacityError when the cache policy
-        has no room (``full`` at capacity)."""
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv.nbytes
+
+    def push_frame(self, frame, timestamp: float | None = None):
+        """Run one frame through encoder -> reducer -> prefill, or drop it (see
+        :meth:`StreamBase.push_frame`). Raises CapacityError when the cache policy has no room
+        (``full`` at capacity); the frame's record then says ``error``."""
         if self._answer_open:
             self._close_answer()
-        image = getattr(frame, "image", frame)
-        capture = float(getattr(frame, "timestamp", timestamp if timestamp is not None else 0.0))
-        self.clock.wait_until(capture)
-        now = self.clock.now()
-        decision = self.scheduler.decide(capture, now)
-        rec = FrameRecord(index=self._frame_count, capture=capture, deadline=decision.deadline,
-                          decision=decision.action, reason=decision.reason)
-        self._frame_count += 1
-        self.frames.append(rec)
-        if decision.action == "drop":
-            rec.overran = "queue"
-            rec.slots_in_use = self.policy.slots_in_use
-            return rec
-        rec.start = now
-        predicted = {s: self.scheduler.costs.predict(s) or 0.0 for s in ("preprocess", "encode", "reduce", "prefill")}
-        try:
-            stage_s, n_valid = self._run_frame(image)
-        except Exception as e:
-            rec.decision, rec.reason = "error", f"{type(e).__name__}: {e}"
-            raise
-        self.clock.spend(sum(stage_s.values()))
-        for s, v in stage_s.items():
-            self.scheduler.costs.update(s, v)
-        rec.end = self.clock.now()
-        rec.stage_ms = {s: 1000.0 * v for s, v in stage_s.items()}
-        rec.tokens_kept = n_valid
-        rec.budget = self.plan.tokens_per_frame
-        rec.slots_in_use = self.policy.slots_in_use
-        rec.deadline_met = rec.end <= rec.deadline
-        if not rec.deadline_met:
-            rec.overran = self.scheduler.overrunning_stage(stage_s, rec.start - capture, predicted)
-        return rec
+        return super().push_frame(frame, timestamp)
 
-    def _run_frame(self, image) -> tuple[dict[str, float], int]:
-        """preprocess -> encode -> reduce -> prefill; returns seconds per stage and tokens kept."""
+    def calibrate(self, repeats: int = 2) -> dict[str, float]:
+        """Measure every stage at every budget bucket on a blank frame, without touching the
+        KV cache, and seed the scheduler's cost model with the median (seconds)."""
+        h, w = self.plan.image_size
+        image = np.zeros((h, w, 3), dtype=np.uint8)
+        for budget in self.budgets:
+            samples: dict[str, list[float]] = {}
+            for _ in range(repeats):
+                stage_s, _ = self._run_frame(image, budget, commit=False)
+                for k, v in stage_s.items():
+                    samples.setdefault(k, []).append(v)
+            for k, v in samples.items():
+                self.scheduler.costs.set(k, float(np.median(v)), budget)
+        return dict(self.scheduler.costs.mean)
+
+    def execute_frame(self, image, budget: int | None = None) -> tuple[dict[str, float], int]:
+        if self._answer_open:
+            self._close_answer()
+        return self._run_frame(image, budget)
+
+    def _reducer_engine(self, budget: int | None) -> str:
+        return "reducer"
+
+    def _run_frame(self, image, budget: int | None = None, commit: bool = True) -> tuple[dict[str, float], int]:
+        """preprocess -> encode -> reduce -> prefill; returns seconds per stage and tokens kept.
+        With ``commit=False`` the decoder step runs but nothing is written to the KV cache."""
         stage_s: dict[str, float] = {}
         t0 = time.perf_counter()
         pixels = preprocess_frame(image, self.plan.image_size, self.plan.image_mean, self.plan.image_std)
@@ -167,7 +166,7 @@ class Session:
         n_valid = tokens.shape[1]
         offsets = None
         if self.plan.reducer is not None:
-            red = self.backend.run("reducer", {"visual_tokens": tokens})
+            red = self.backend.run(self._reducer_engine(budget), {"visual_tokens": tokens})
             tokens, keep = red["tokens"], red["keep_mask"][0]
             n_valid = int(keep.sum())
             if self.plan.reducer["params"].get("positions") == "keep":
@@ -175,7 +174,7 @@ class Session:
             t3 = time.perf_counter()
             stage_s["reduce"] = t3 - t2
             t2 = t3
-        self._decoder_step(tokens, n_valid, "frame", offsets)
+        self._decoder_step(tokens, n_valid, "frame", offsets, commit=commit)
         stage_s["prefill"] = time.perf_counter() - t2
         return stage_s, n_valid
 
@@ -188,9 +187,8 @@ class Session:
         if self._answer_open:
             self._close_answer()
         max_new = max_new_tokens or self.plan.max_new_tokens
-        if at is not None:
-            self.clock.wait_until(at)
-        asked = self.clock.now()
+        asked = self.clock.now() if at is None else float(at)
+        self.clock.wait_until(asked)
         rec = QuestionRecord(text=question, asked_at=asked, deadline=asked + self.scheduler.ttft)
         self.questions.append(rec)
         ids = self.tokenizer.encode(f"{VISION_END}\n{question}{IM_END}\n{IM_START}assistant\n").ids
@@ -200,9 +198,8 @@ class Session:
         t0 = time.perf_counter()
         logits = self._prefill_ids(ids, "question")
         token = int(np.argmax(logits))
-        dt = time.perf_counter() - t0
-        self.clock.spend(dt)
-        rec.ttft_ms = 1000.0 * dt
+        self.clock.spend(time.perf_counter() - t0)
+        rec.ttft_ms = 1000.0 * (self.clock.now() - asked)      # from arrival: waiting included
         rec.ttft_met = self.clock.now() <= rec.deadline
         text_so_far = ""
         while True:
@@ -240,14 +237,8 @@ class Session:
         self.clock.spend(time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ report
-    def report(self) -> Report:
-        """Records and summary of everything this session did so far."""
-        meta = {"bundle": str(self.bundle.path), "name": self.bundle.name, "backend": self.backend.name,
-                "lock_key": self.bundle.lock_key, "overload": self.scheduler.overload,
-                "frame_deadline_ms": self.scheduler.frame_deadline * 1000.0,
-                "ttft_ms": self.scheduler.ttft * 1000.0, "cache": self.plan.cache,
+    def report_meta(self) -> dict:
+        return {**super().report_meta(), "bundle": str(self.bundle.path), "name": self.bundle.name,
+                "backend": self.backend.name, "lock_key": self.bundle.lock_key, "cache": self.plan.cache,
                 "kv_bytes_planned": self.plan.kv.bytes, "kv_bytes_allocated": self.kv.nbytes,
-                "kv_buffer_address_constant": self.kv.data.ctypes.data == self.kv.address,
-                "clock": type(self.clock).__name__}
-        return Report(meta, list(self.frames), list(self.questions),
-                      summarize(self.frames, self.questions, self.kv.nbytes))
+                "kv_buffer_address_constant": self.kv.data.ctypes.data == self.kv.address}

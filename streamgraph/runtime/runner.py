@@ -1,0 +1,164 @@
+"""StreamRunner: one executor shared by several streams, earliest deadline first.
+
+The runner owns the pending queues. Whenever the executor is free at stream time ``now``:
+
+1. frames whose capture time has come are moved into their stream's pending queue;
+2. due questions are served first (earliest TTFT deadline first), ahead of pending frames;
+3. each stream's overload policy prunes its queue (drops are recorded with a reason);
+4. among the streams' oldest pending frames, the one with the earliest deadline runs (EDF),
+   at the budget its policy chooses, or is dropped.
+
+Frames that arrive while an answer is being generated wait in their queue and are then
+handled by their policy like any others. With a
+:class:`~streamgraph.runtime.clock.SimulatedClock` the run is "as fast as possible with
+deadlines in stream time" (deterministic with :class:`~streamgraph.runtime.simulate.SimulatedSession`);
+with a :class:`~streamgraph.runtime.clock.WallClock` frames are delivered at their capture
+times (real time). Frames are decoded lazily, when their capture time has come.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+from streamgraph.runtime.scheduler import Decision
+from streamgraph.runtime.stream import StreamBase
+
+
+@dataclass
+class Question:
+    """A question arriving at stream time ``at`` (seconds) for stream ``stream``."""
+
+    at: float
+    text: str
+    stream: int = 0
+    max_new_tokens: int | None = None
+    answer: str = field(default="", compare=False)
+
+
+class _Feeder:
+    """Lookahead over a frame iterator: hands out frames whose capture time has come."""
+
+    def __init__(self, frames: Iterable, speed: float = 1.0):
+        self._it: Iterator = iter(frames)
+        self._next = None
+        self.speed = speed
+        self.done = False
+        self._advance()
+
+    def _advance(self) -> None:
+        try:
+            self._next = next(self._it)
+        except StopIteration:
+            self._next, self.done = None, True
+
+    def capture(self, frame) -> float:
+        return float(frame.timestamp) / self.speed
+
+    def next_arrival(self) -> float | None:
+        return None if self._next is None else self.capture(self._next)
+
+    def pop_arrived(self, now: float) -> list:
+        out = []
+        while self._next is not None and self.capture(self._next) <= now:
+            out.append(self._next)
+            self._advance()
+        return out
+
+
+class StreamRunner:
+    """Run ``streams`` (pairs of a :class:`StreamBase` session and an iterable of frames)
+    on one executor. All sessions must share one clock.
+
+    ``speed`` > 1 replays sources faster than captured (capture times divided by it), to
+    offer a chosen load. ``on_frame(stream, record)`` and ``on_answer(question, record)``
+    are called as things happen (progress displays). Raises ValueError when the sessions do
+    not share a clock."""
+
+    def __init__(self, streams: list[tuple[StreamBase, Iterable]], questions: list[Question] | None = None,
+                 speed: float = 1.0, on_frame: Callable | None = None, on_answer: Callable | None = None):
+        if not streams:
+            raise ValueError("StreamRunner needs at least one stream")
+        self.sessions = [s for s, _ in streams]
+        self.clock = self.sessions[0].clock
+        if any(s.clock is not self.clock for s in self.sessions):
+            raise ValueError("all sessions of a StreamRunner must share one clock")
+        self.feeders = [_Feeder(f, speed) for _, f in streams]
+        self.pending: list[deque] = [deque() for _ in streams]
+        self.questions = sorted(questions or [], key=lambda q: q.at)
+        for q in self.questions:
+            if not 0 <= q.stream < len(streams):
+                raise ValueError(f"question for stream {q.stream}, but there are {len(streams)} streams")
+        self.on_frame, self.on_answer = on_frame, on_answer
+        self.max_queue = [0] * len(streams)
+        self.order: list[tuple[int, int]] = []        # (stream, frame index) in execution order
+
+    def _capture(self, i: int, frame) -> float:
+        return self.feeders[i].capture(frame)
+
+    def _serve_question(self, q: Question) -> None:
+        session = self.sessions[q.stream]
+        pieces = list(session.ask(q.text, max_new_tokens=q.max_new_tokens, at=q.at))
+        q.answer = "".join(pieces)
+        if self.on_answer:
+            self.on_answer(q, session.questions[-1])
+
+    def _drop(self, i: int, frame, reason: str) -> None:
+        session = self.sessions[i]
+        capture = self._capture(i, frame)
+        decision = Decision("drop", session.scheduler.frame_deadline_for(capture), None, reason)
+        rec = session.record_drop(capture, decision, len(self.pending[i]) + 1)
+        if self.on_frame:
+            self.on_frame(i, rec)
+
+    def step(self) -> bool:
+        """Do one unit of work (serve a question, drop/run a frame, or wait for the next
+        arrival). Returns False when everything is done."""
+        now = self.clock.now()
+        for i, feeder in enumerate(self.feeders):
+            self.pending[i].extend(feeder.pop_arrived(now))
+            self.max_queue[i] = max(self.max_queue[i], len(self.pending[i]))
+        due = [q for q in self.questions if q.at <= now]
+        if due:
+            q = min(due, key=lambda q: q.at + self.sessions[q.stream].scheduler.ttft)
+            self.questions.remove(q)
+            self._serve_question(q)
+            return True
+        for i, session in enumerate(self.sessions):
+            queue = self.pending[i]
+            if not queue:
+                continue
+            drops = session.scheduler.prune([self._capture(i, f) for f in queue], now)
+            for idx, reason in sorted(drops, reverse=True):
+                frame = queue[idx]
+                del queue[idx]
+                self._drop(i, frame, reason)
+        heads = [(self.sessions[i].scheduler.frame_deadline_for(self._capture(i, q[0])), i)
+                 for i, q in enumerate(self.pending) if q]
+        if heads:
+            _, i = min(heads)
+            frame = self.pending[i].popleft()
+            session = self.sessions[i]
+            capture = self._capture(i, frame)
+            decision = session.scheduler.decide(capture, now)
+            queue_len = len(self.pending[i]) + 1
+            if decision.action == "drop":
+                rec = session.record_drop(capture, decision, queue_len)
+            else:
+                rec = session.run_decided(getattr(frame, "image", frame), capture, decision, queue_len)
+                self.order.append((i, rec.index))
+            if self.on_frame:
+                self.on_frame(i, rec)
+            return True
+        arrivals = [t for t in (f.next_arrival() for f in self.feeders) if t is not None]
+        arrivals += [q.at for q in self.questions]
+        if not arrivals:
+            return False
+        self.clock.wait_until(min(arrivals))
+        return True
+
+    def run(self) -> list:
+        """Run to the end of every source; returns each session's report."""
+        while self.step():
+            pass
+        return [s.report() for s in self.sessions]
