@@ -119,8 +119,11 @@ def cmd_schema(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     from streamgraph.runtime import sources
     from streamgraph.runtime.clock import SimulatedClock, WallClock
+    from streamgraph.runtime.runner import Question, StreamRunner
     from streamgraph.runtime.session import Session
 
     console = _console()
@@ -134,47 +137,55 @@ def cmd_run(args) -> int:
         raise StreamgraphError("--at needs --ask TEXT")
     if args.at is not None and args.at < 0:
         raise StreamgraphError(f"--at must be >= 0 seconds, got {args.at}")
-    clock = WallClock() if args.realtime else SimulatedClock()
-    session = Session.open(bundle_dir, args.backend, clock=clock, overload=args.overload)
+    if args.speed <= 0:
+        raise StreamgraphError(f"--speed must be > 0, got {args.speed}")
+    session = Session.open(bundle_dir, args.backend, clock=SimulatedClock(), overload=args.overload)
     plan = session.plan
     fps = args.fps or session.bundle.manifest["stream"]["fps"]
     src = sources.video(video_path, fps=fps, size=tuple(plan.image_size), max_frames=args.max_frames)
+    session.calibrate()
+    if args.realtime:
+        session.clock = WallClock()                 # stream time starts after calibration
     console.print(f"streaming {video_path} at {fps:g} fps through {session.bundle.name} "
                   f"({session.backend.name}, overload={session.scheduler.overload}, "
-                  f"deadline {session.scheduler.frame_deadline * 1000:.0f} ms)")
-    answer_printed = False
+                  f"deadline {session.scheduler.frame_deadline * 1000:.0f} ms, budgets {session.budgets}, "
+                  f"{'real time' if args.realtime else 'as fast as possible, deadlines in stream time'})")
+    questions = [Question(at=args.at or 0.0, text=args.ask)] if args.ask else []
+    counts = {"run": 0, "drop": 0, "miss": 0}
+    progress = Progress(TextColumn("[bold]frames"), BarColumn(), TextColumn("{task.description}"),
+                        TimeElapsedColumn(), console=console, disable=not console.is_terminal or args.verbose)
+
+    def on_frame(_stream, rec) -> None:
+        counts["run" if rec.decision == "run" else "drop"] += 1
+        counts["miss"] += rec.deadline_met is False
+        progress.update(task, advance=1, description=f"{counts['run']} run, {counts['drop']} dropped, "
+                                                      f"{counts['miss']} missed, t={rec.capture:.1f}s")
+        if args.verbose:
+            lat = f"{rec.latency_ms:7.1f} ms" if rec.latency_ms is not None else "   -      "
+            console.print(f"frame {rec.index:4d} t={rec.capture:6.2f}s {rec.decision:4s} budget={rec.budget:<4d} "
+                          f"{lat} slots={rec.slots_in_use} {rec.overran or ''} {rec.reason}")
+
+    def on_answer(q, rec) -> None:
+        progress.console.print(f"[bold]Q @ {rec.asked_at:.1f}s:[/bold] {q.text}")
+        progress.console.print(f"[bold]A:[/bold] {q.answer!r}  (TTFT {rec.ttft_ms:.1f} ms, {rec.new_tokens} tokens)")
+
     error: BaseException | None = None
-
-    def do_ask(at_time: float) -> None:
-        console.print(f"[bold]Q @ {at_time:.1f}s:[/bold] {args.ask}")
-        pieces = []
-        for piece in session.ask(args.ask, at=at_time):
-            pieces.append(piece)
-        q = session.questions[-1]
-        console.print(f"[bold]A:[/bold] {''.join(pieces)!r}  (TTFT {q.ttft_ms:.1f} ms, "
-                      f"{q.new_tokens} tokens)", markup=True)
-
-    try:
-        for frame in src:
-            if args.ask and not answer_printed and frame.timestamp >= (args.at or 0.0):
-                do_ask(frame.timestamp)
-                answer_printed = True
-            rec = session.push_frame(frame)
-            if args.verbose:
-                lat = f"{rec.latency_ms:7.1f} ms" if rec.latency_ms is not None else "   -      "
-                console.print(f"frame {rec.index:4d} t={rec.capture:6.2f}s {rec.decision:4s} {lat} "
-                              f"slots={rec.slots_in_use} {rec.reason}")
-        if args.ask and not answer_printed:
-            do_ask(session.clock.now())
-    except KeyboardInterrupt as e:  # keep what was measured
-        error = e
-    except StreamgraphError as e:
-        error = e
+    runner = StreamRunner([(session, src)], questions=questions, speed=args.speed,
+                          on_frame=on_frame, on_answer=on_answer)
+    with progress:
+        task = progress.add_task("", total=None)
+        try:
+            while runner.step():
+                pass
+        except (KeyboardInterrupt, StreamgraphError) as e:  # keep what was measured
+            error = e
     report = session.report()
+    report.summary["max_queue"] = runner.max_queue[0]
     _print_summary(report, console)
     if args.report:
         path = report.save(args.report)
-        console.print(f"report: {path}")
+        console.print(f"report: {path}" + (f" (+ {path.parent / 'latency.png'})"
+                                            if (path.parent / "latency.png").exists() else ""))
     if error is not None:
         raise error
     return 0
@@ -184,8 +195,13 @@ def _print_summary(report, console) -> None:
     from rich.table import Table
 
     s = report.summary
+    misses_by = {}
+    for f in report.frames:
+        if f.deadline_met is False:
+            misses_by[f.overran] = misses_by.get(f.overran, 0) + 1
+    by = (" (overran: " + ", ".join(f"{k} {v}" for k, v in sorted(misses_by.items())) + ")") if misses_by else ""
     console.print(f"frames: sampled {s['sampled']}, processed {s['processed']}, dropped {s['dropped']}, "
-                  f"deadline misses {s['deadline_misses']}; achieved {s['achieved_fps'] or 0:.2f} fps "
+                  f"deadline misses {s['deadline_misses']}{by}, max queue {s.get('max_queue', '-')}; achieved {s['achieved_fps'] or 0:.2f} fps "
                   f"(compute-bound {s['compute_fps'] or 0:.1f} fps); KV buffer {s['kv_bytes']:,} bytes")
     t = Table(title="latency per frame (ms)")
     for col in ("stage", "p50", "p95", "p99", "max"):
@@ -226,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--at", type=float, help="stream time (s) at which to ask (default 0)")
     r.add_argument("--report", help="directory for report.json")
     r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    r.add_argument("--overload", choices=["drop_late", "none"], help="override the graph's slo.overload")
+    r.add_argument("--overload", choices=["drop_late", "latest_only", "degrade", "fifo", "none"],
+                   help="override the graph's slo.overload")
+    r.add_argument("--speed", type=float, default=1.0,
+                   help="replay the source this many times faster than captured (offered load x speed)")
     r.add_argument("--max-frames", type=int, help="stop after this many sampled frames")
     r.add_argument("--realtime", action="store_true",
                    help="deliver frames at their capture times (default: as fast as possible, deadlines in stream time)")

@@ -299,8 +299,11 @@ def test_out_of_range():
 
 def test_literal_choices():
     err = parse_error(edit("overload: drop_late", "overload: fast"))
-    assert_at(err, 10, 55, "slo.overload", "expected one of 'drop_late', 'none', got 'fast'")
-    assert OVERLOAD_POLICIES == ("drop_late", "none")
+    assert_at(err, 10, 55, "slo.overload",
+              "expected one of 'drop_late', 'latest_only', 'degrade', 'fifo', 'none', got 'fast'")
+    from streamgraph.runtime.scheduler import OVERLOAD_POLICIES as RUNTIME_POLICIES
+
+    assert OVERLOAD_POLICIES == RUNTIME_POLICIES == ("drop_late", "latest_only", "degrade", "fifo", "none")
     err = parse_error(edit("tokens_per_frame: 16}", "tokens_per_frame: 16, positions: orig}"))
     assert_at(err, 7, 81, "nodes.pruner.positions", "expected one of 'keep', 'compact'")
     err = parse_error(edit("preset: tiny", "preset: huge"))

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 #: Overload policies of the scheduler (``slo.overload``); extend here.
-OverloadPolicy = Literal["drop_late", "none"]
+OverloadPolicy = Literal["drop_late", "latest_only", "degrade", "fifo", "none"]
 OVERLOAD_POLICIES: tuple[str, ...] = typing.get_args(OverloadPolicy)
 
 #: Random-weight model presets (``model.preset``); extend here.
@@ -118,8 +118,10 @@ class SLOSpec(_Section):
     ttft_ms: float = Field(gt=0, allow_inf_nan=False)
     """Time-to-first-token deadline of a question, in milliseconds."""
     overload: OverloadPolicy = "drop_late"
-    """What the scheduler does when frames would miss their deadline: `drop_late` drops
-    frames that cannot meet it, `none` runs every frame late."""
+    """What the scheduler does under overload: `drop_late` drops frames that cannot meet
+    their deadline; `latest_only` keeps only the newest pending frame; `degrade` runs at the
+    largest token budget whose predicted cost fits the slack, else drops; `fifo` (alias
+    `none`) runs every frame, late if need be."""
 
 
 class BudgetSpec(_Section):

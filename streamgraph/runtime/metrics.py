@@ -95,12 +95,17 @@ class Report:
                 "frames": [asdict(f) for f in self.frames],
                 "questions": [asdict(q) for q in self.questions]}
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``report.json`` into ``directory`` (created if needed); returns its path."""
+    def save(self, directory: str | Path, plot: bool = True) -> Path:
+        """Write ``report.json`` (and, with matplotlib installed and ``plot``, ``latency.png``)
+        into ``directory`` (created if needed); returns the JSON's path."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         path = d / "report.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         tmp.replace(path)
+        if plot:
+            from streamgraph.runtime.plot import plot_latency
+
+            plot_latency(self, d / "latency.png")
         return path

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 FRAME_STAGES = ("preprocess", "encode", "reduce", "prefill")
 BUDGET_STAGES = ("reduce", "prefill")          # stages whose cost depends on the token budget
 OVERLOAD_POLICIES = ("drop_late", "latest_only", "degrade", "fifo", "none")
+TIME_EPS = 1e-6        # seconds: deadline comparisons tolerate float rounding of stream time
 
 
 class CostModel:
@@ -112,7 +113,7 @@ class Scheduler:
             cost = self.costs.predict_frame(smallest) or 0.0
             for i, c in enumerate(captures):
                 late = now + cost - self.frame_deadline_for(c)
-                if late > 0:
+                if late > TIME_EPS:
                     out.append((i, f"cannot meet its deadline (predicted {1000 * late:.1f} ms late)"))
             return out
         return []
@@ -129,7 +130,7 @@ class Scheduler:
         candidates = [full] if self.overload == "drop_late" else list(reversed(self.budgets))
         for b in candidates:
             pred = self.costs.predict_frame(b)
-            if pred is None or pred <= slack:
+            if pred is None or pred <= slack + TIME_EPS:
                 reason = "" if b == full else f"degraded to {b} tokens (predicted {1000 * (pred or 0):.1f} ms, slack {1000 * slack:.1f} ms)"
                 return Decision("run", deadline, b, reason, pred)
         pred = self.costs.predict_frame(candidates[-1]) or 0.0
@@ -137,10 +138,11 @@ class Scheduler:
                         f"predicted {1000 * pred:.1f} ms at budget {candidates[-1]} exceeds slack {1000 * slack:.1f} ms")
 
     @staticmethod
-    def overrunning_stage(stage_s: dict[str, float], queue_s: float, predicted: dict[str, float]) -> str:
-        """The stage whose time exceeded its prediction by the most; ``queue`` (waiting to
-        start, predicted 0) when the frame lost most of its time before it started."""
-        over = {"queue": queue_s}
-        for s, t in stage_s.items():
-            over[s] = t - predicted.get(s, 0.0)
-        return max(over, key=over.get)
+    def overrunning_stage(stage_s: dict[str, float], predicted: dict[str, float], start: float,
+                          deadline: float) -> str:
+        """Name the stage that made a frame miss its deadline: ``queue`` when it started too
+        late to make it even at its predicted cost (start + predicted > deadline); otherwise
+        the stage whose time exceeded its prediction by the most."""
+        if start + sum(predicted.get(s, 0.0) for s in stage_s) > deadline + TIME_EPS:
+            return "queue"
+        return max(stage_s, key=lambda s: stage_s[s] - predicted.get(s, 0.0))

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 
 from streamgraph.runtime.clock import Clock
 from streamgraph.runtime.metrics import FrameRecord, QuestionRecord, Report, summarize
-from streamgraph.runtime.scheduler import Decision, Scheduler
+from streamgraph.runtime.scheduler import TIME_EPS, Decision, Scheduler
 
 
 class StreamBase(ABC):
@@ -70,9 +70,9 @@ class StreamBase(ABC):
         rec.stage_ms = {s: 1000.0 * v for s, v in stage_s.items()}
         rec.tokens_kept = n_valid
         rec.slots_in_use = self.slots_in_use
-        rec.deadline_met = rec.end <= rec.deadline
+        rec.deadline_met = rec.end <= rec.deadline + TIME_EPS
         if not rec.deadline_met:
-            rec.overran = self.scheduler.overrunning_stage(stage_s, start - capture, predicted)
+            rec.overran = self.scheduler.overrunning_stage(stage_s, predicted, start, rec.deadline)
         return rec
 
     def push_frame(self, frame, timestamp: float | None = None) -> FrameRecord:
