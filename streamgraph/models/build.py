@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from streamgraph.errors import SpecError
-from streamgraph.models.config import VLMConfig, tiny_config
+from streamgraph.models.config import PRESETS, VLMConfig
 from streamgraph.models.vlm import StreamingVLM, init_random_
 
 
@@ -17,14 +17,14 @@ def model_config(spec) -> VLMConfig:
 
     Raises SpecError (located at ``model``) for an unsupported source or frame size."""
     m = spec.model
-    if m.preset == "tiny":
+    if m.preset in PRESETS:
         try:
-            return tiny_config(tuple(spec.stream.frame_size))
+            return PRESETS[m.preset](tuple(spec.stream.frame_size))
         except ValueError as e:
             line, col = spec.locate(("stream", "frame_size")) or (None, None)
             raise SpecError(str(e), file=spec.source_file, line=line, col=col, field="stream.frame_size") from None
     line, col = spec.locate(("model",)) or (None, None)
-    raise SpecError("Hugging Face checkpoints (model.hf) are not supported yet; use preset: tiny",
+    raise SpecError("Hugging Face checkpoints (model.hf) are not supported yet; use a preset (tiny, small)",
                     file=spec.source_file, line=line, col=col, field="model.hf")
 
 

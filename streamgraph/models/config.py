@@ -78,6 +78,25 @@ class VLMConfig:
         )
 
 
+def small_config(frame_size: tuple[int, int] = (224, 224)) -> VLMConfig:
+    """The ``small`` preset: 4-layer ViT (patch 16, width 192) and 6-layer GQA decoder
+    (width 512, 8 heads, 2 KV heads): big enough that encode and prefill cost tens of ms on a
+    2-core CPU, for scheduler and token-reduction benchmarks. Random weights.
+
+    ``frame_size`` (height, width) must be a multiple of 16. Raises ValueError otherwise."""
+    h, w = frame_size
+    if h % 16 or w % 16:
+        raise ValueError(f"frame_size {h}x{w} must be a multiple of the small preset's patch size 16")
+    return VLMConfig(
+        vision=VisionConfig(image_size=(h, w), patch_size=16, hidden_size=192, intermediate_size=768,
+                            num_hidden_layers=4, num_attention_heads=3),
+        text=TextConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
+                        num_key_value_heads=2, head_dim=64))
+
+
+PRESETS: dict = {}     # preset name -> config factory(frame_size); filled at the end of the module
+
+
 def tiny_config(frame_size: tuple[int, int] = (64, 64)) -> VLMConfig:
     """The ``tiny`` preset: 2-layer ViT (patch 8) and 2-layer GQA decoder, width 64.
 
@@ -88,3 +107,6 @@ def tiny_config(frame_size: tuple[int, int] = (64, 64)) -> VLMConfig:
     if h % 8 or w % 8:
         raise ValueError(f"frame_size {h}x{w} must be a multiple of the tiny preset's patch size 8")
     return VLMConfig(vision=VisionConfig(image_size=(h, w)), text=TextConfig())
+
+
+PRESETS.update(tiny=tiny_config, small=small_config)
