@@ -153,3 +153,19 @@ def test_validate_and_inspect_example(onnx_bundle, capsys):
     assert main(["inspect", str(onnx_bundle)]) == 0
     out = capsys.readouterr().out
     assert "decoder_step" in out and "kv_cache" in out
+
+
+def test_run_realtime_delivers_frames_at_capture_times(onnx_bundle, tmp_path, capsys):
+    import time
+
+    t0 = time.perf_counter()
+    assert main(["run", str(onnx_bundle), "--realtime", "--fps", "10", "--max-frames", "6",
+                 "--report", str(tmp_path)]) == 0
+    elapsed = time.perf_counter() - t0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["meta"]["clock"] == "WallClock"
+    starts = [f["start"] for f in rep["frames"] if f["decision"] == "run"]
+    captures = [f["capture"] for f in rep["frames"] if f["decision"] == "run"]
+    assert all(s >= c - 1e-3 for s, c in zip(starts, captures))   # nothing starts before it is captured
+    assert elapsed >= 0.5                                           # 6 frames at 10 fps span 0.5 s
+    assert (tmp_path / "latency.png").is_file()
