@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ask", help="question to ask about the stream")
     r.add_argument("--at", type=float, help="stream time (s) at which to ask (default 0)")
     r.add_argument("--report", help="directory for report.json")
-    r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     r.add_argument("--overload", choices=["drop_late", "latest_only", "degrade", "fifo", "none"],
                    help="override the graph's slo.overload")
     r.add_argument("--speed", type=float, default=1.0,

@@ -36,4 +36,8 @@ def open_backend(name: str, bundle, **options) -> Backend:
         from streamgraph.backends.torch import TorchBackend
 
         return TorchBackend(bundle, **options)
-    raise ValueError(f"unknown backend {name!r} (allowed: onnxruntime, torch)")
+    if name == "tensorrt":
+        from streamgraph.backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(bundle, **options)
+    raise ValueError(f"unknown backend {name!r} (allowed: onnxruntime, torch, tensorrt)")
