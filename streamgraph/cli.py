@@ -132,46 +132,52 @@ def cmd_run(args) -> int:
         bundle_dir = _compile(str(target), None, False, console).path
     else:
         bundle_dir = target
-    video_path = Path(args.video) if args.video else sources.sample_clip()
+    videos = [Path(v) for v in args.video] if args.video else [sources.sample_clip()]
     if args.at is not None and args.ask is None:
         raise StreamgraphError("--at needs --ask TEXT")
     if args.at is not None and args.at < 0:
         raise StreamgraphError(f"--at must be >= 0 seconds, got {args.at}")
     if args.speed <= 0:
         raise StreamgraphError(f"--speed must be > 0, got {args.speed}")
-    session = Session.open(bundle_dir, args.backend, clock=SimulatedClock(), overload=args.overload)
-    plan = session.plan
-    fps = args.fps or session.bundle.manifest["stream"]["fps"]
-    src = sources.video(video_path, fps=fps, size=tuple(plan.image_size), max_frames=args.max_frames)
-    session.calibrate()
+    sessions, streams = [], []
+    shared_clock = SimulatedClock()
+    for video_path in videos:                       # one session (own KV buffer) per stream
+        session = Session.open(bundle_dir, args.backend, clock=shared_clock, overload=args.overload)
+        fps = args.fps or session.bundle.manifest["stream"]["fps"]
+        src = sources.video(video_path, fps=fps, size=tuple(session.plan.image_size), max_frames=args.max_frames)
+        session.calibrate()
+        sessions.append(session)
+        streams.append((session, src))
+        console.print(f"stream {len(sessions) - 1}: {video_path} at {fps:g} fps through {session.bundle.name} "
+                      f"({session.backend.name}, overload={session.scheduler.overload}, "
+                      f"deadline {session.scheduler.frame_deadline * 1000:.0f} ms, budgets {session.budgets})")
     if args.realtime:
-        session.clock = WallClock()                 # stream time starts after calibration
-    console.print(f"streaming {video_path} at {fps:g} fps through {session.bundle.name} "
-                  f"({session.backend.name}, overload={session.scheduler.overload}, "
-                  f"deadline {session.scheduler.frame_deadline * 1000:.0f} ms, budgets {session.budgets}, "
-                  f"{'real time' if args.realtime else 'as fast as possible, deadlines in stream time'})")
+        wall = WallClock()                          # stream time starts after calibration
+        for session in sessions:
+            session.clock = wall
+    console.print("real time: frames delivered at their capture times" if args.realtime else
+                  "as fast as possible, deadlines in stream time" + (", EDF across streams" if len(sessions) > 1 else ""))
     questions = [Question(at=args.at or 0.0, text=args.ask)] if args.ask else []
     counts = {"run": 0, "drop": 0, "miss": 0}
     progress = Progress(TextColumn("[bold]frames"), BarColumn(), TextColumn("{task.description}"),
                         TimeElapsedColumn(), console=console, disable=not console.is_terminal or args.verbose)
 
-    def on_frame(_stream, rec) -> None:
+    def on_frame(stream, rec) -> None:
         counts["run" if rec.decision == "run" else "drop"] += 1
         counts["miss"] += rec.deadline_met is False
         progress.update(task, advance=1, description=f"{counts['run']} run, {counts['drop']} dropped, "
                                                       f"{counts['miss']} missed, t={rec.capture:.1f}s")
         if args.verbose:
             lat = f"{rec.latency_ms:7.1f} ms" if rec.latency_ms is not None else "   -      "
-            console.print(f"frame {rec.index:4d} t={rec.capture:6.2f}s {rec.decision:4s} budget={rec.budget:<4d} "
-                          f"{lat} slots={rec.slots_in_use} {rec.overran or ''} {rec.reason}")
+            console.print(f"[{stream}] frame {rec.index:4d} t={rec.capture:6.2f}s {rec.decision:4s} "
+                          f"budget={rec.budget:<4d} {lat} slots={rec.slots_in_use} {rec.overran or ''} {rec.reason}")
 
     def on_answer(q, rec) -> None:
         progress.console.print(f"[bold]Q @ {rec.asked_at:.1f}s:[/bold] {q.text}")
         progress.console.print(f"[bold]A:[/bold] {q.answer!r}  (TTFT {rec.ttft_ms:.1f} ms, {rec.new_tokens} tokens)")
 
     error: BaseException | None = None
-    runner = StreamRunner([(session, src)], questions=questions, speed=args.speed,
-                          on_frame=on_frame, on_answer=on_answer)
+    runner = StreamRunner(streams, questions=questions, speed=args.speed, on_frame=on_frame, on_answer=on_answer)
     with progress:
         task = progress.add_task("", total=None)
         try:
@@ -179,13 +185,17 @@ def cmd_run(args) -> int:
                 pass
         except (KeyboardInterrupt, StreamgraphError) as e:  # keep what was measured
             error = e
-    report = session.report()
-    report.summary["max_queue"] = runner.max_queue[0]
-    _print_summary(report, console)
-    if args.report:
-        path = report.save(args.report)
-        console.print(f"report: {path}" + (f" (+ {path.parent / 'latency.png'})"
-                                            if (path.parent / "latency.png").exists() else ""))
+    for i, session in enumerate(sessions):
+        report = session.report()
+        report.summary["max_queue"] = runner.max_queue[i]
+        if len(sessions) > 1:
+            console.print(f"[bold]stream {i}[/bold] ({videos[i]})")
+        _print_summary(report, console)
+        if args.report:
+            directory = Path(args.report) / f"stream-{i}" if len(sessions) > 1 else Path(args.report)
+            path = report.save(directory)
+            console.print(f"report: {path}" + (f" (+ {path.parent / 'latency.png'})"
+                                                if (path.parent / "latency.png").exists() else ""))
     if error is not None:
         raise error
     return 0
@@ -236,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="stream a video through a bundle (or graph, compiled on the fly)")
     r.add_argument("target", help="graph .yaml or bundle directory")
-    r.add_argument("--video", help="video file (default: the sample clip shipped with streamgraph)")
+    r.add_argument("--video", action="append",
+                   help="video file (default: the sample clip shipped with streamgraph); repeat for several "
+                        "streams sharing one executor, earliest deadline first")
     r.add_argument("--fps", type=float, help="sampling fps (default: the graph's stream.fps)")
     r.add_argument("--ask", help="question to ask about the stream")
     r.add_argument("--at", type=float, help="stream time (s) at which to ask (default 0)")

@@ -169,3 +169,19 @@ def test_run_realtime_delivers_frames_at_capture_times(onnx_bundle, tmp_path, ca
     assert all(s >= c - 1e-3 for s, c in zip(starts, captures))   # nothing starts before it is captured
     assert elapsed >= 0.5                                           # 6 frames at 10 fps span 0.5 s
     assert (tmp_path / "latency.png").is_file()
+
+
+def test_run_two_streams_share_one_executor(onnx_bundle, tmp_path, capsys):
+    from streamgraph.runtime.sources import sample_clip
+
+    clip = str(sample_clip())
+    assert main(["run", str(onnx_bundle), "--video", clip, "--video", clip, "--max-frames", "4",
+                 "--ask", "hi", "--at", "1", "--report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "stream 0:" in out and "stream 1:" in out and "EDF across streams" in out
+    reps = [json.loads((tmp_path / f"stream-{i}" / "report.json").read_text()) for i in (0, 1)]
+    assert all(r["summary"]["sampled"] == 4 for r in reps)
+    # one executor: the two streams' run intervals never overlap
+    spans = sorted((f["start"], f["end"]) for r in reps for f in r["frames"] if f["decision"] == "run")
+    assert all(a_end <= b_start + 1e-9 for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert len(reps[0]["questions"]) == 1 and len(reps[1]["questions"]) == 0
