@@ -51,7 +51,7 @@ OverloadPolicy = Literal["drop_late", "none"]
 OVERLOAD_POLICIES: tuple[str, ...] = typing.get_args(OverloadPolicy)
 
 #: Random-weight model presets (``model.preset``); extend here.
-ModelPreset = Literal["tiny"]
+ModelPreset = Literal["tiny", "small"]
 MODEL_PRESETS: tuple[str, ...] = typing.get_args(ModelPreset)
 
 GRAPH_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from streamgraph.errors import SpecError
-from streamgraph.models.config import VLMConfig, tiny_config
+from streamgraph.models.config import VLMConfig, small_config, tiny_config
 from streamgraph.models.vlm import StreamingVLM, init_random_
 
 
@@ -17,9 +17,10 @@ def model_config(spec) -> VLMConfig:
 
     Raises SpecError (located at ``model``) for an unsupported source or frame size."""
     m = spec.model
-    if m.preset == "tiny":
+    presets = {"tiny": tiny_config, "small": small_config}
+    if m.preset in presets:
         try:
-            return tiny_config(tuple(spec.stream.frame_size))
+            return presets[m.preset](tuple(spec.stream.frame_size))
         except ValueError as e:
             line, col = spec.locate(("stream", "frame_size")) or (None, None)
             raise SpecError(str(e), file=spec.source_file, line=line, col=col, field="stream.frame_size") from None
