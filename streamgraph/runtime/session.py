@@ -25,6 +25,7 @@ from streamgraph.runtime.clock import Clock, SimulatedClock
 from streamgraph.runtime.kv import CachePolicy, KVBuffer, make_policy
 from streamgraph.runtime.metrics import FrameRecord, QuestionRecord, Report, summarize
 from streamgraph.runtime.preprocess import preprocess_frame
+from streamgraph.runtime.reduction import EncoderStage, ReducerStage
 from streamgraph.runtime.scheduler import Scheduler
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
@@ -37,7 +38,9 @@ class Session:
     Use :meth:`open`. ``push_frame`` runs (or drops) one frame under its deadline and returns
     its :class:`~streamgraph.runtime.metrics.FrameRecord`; ``ask`` streams an answer's text
     pieces; ``report`` summarises the run. With ``trace=True`` every decoder step's logits are
-    kept in ``self.trace`` (for parity tests).
+    kept in ``self.trace`` (for parity tests). ``last_hidden [C]`` is the decoder's final-norm
+    hidden state of the last valid token of the latest step. ``budgets`` lists the token
+    budget buckets a frame can run at (ascending).
     """
 
     def __init__(self, bundle: Bundle, backend: Backend, *, clock: Clock | None = None,
@@ -56,6 +59,10 @@ class Session:
             raise AssertionError(f"KV buffer {self.kv.nbytes} B != plan {self.plan.kv.bytes} B")
         cache = self.plan.cache
         self.policy: CachePolicy = make_policy(cache["op"], cache["params"])
+        self.encoder_stage = EncoderStage(self.plan, backend)
+        self.reducer_stage = ReducerStage(self.plan, backend)
+        self.budgets = self.reducer_stage.budgets
+        self.last_hidden: np.ndarray | None = None
         self.trace_enabled = trace
         self.trace: list[dict] = []
         self.frames: list[FrameRecord] = []
@@ -93,9 +100,11 @@ class Session:
         self.kv.write(out["new_kv"], step.write_slots)
         self.policy.commit(step)
         logits = out["logits"][0]
+        if "last_hidden" in out:
+            self.last_hidden = out["last_hidden"][0]
         if self.trace_enabled:
             self.trace.append({"kind": kind, "logits": logits.copy(), "inputs_embeds": embeds.copy(),
-                               "n_valid": n_valid})
+                               "n_valid": n_valid, "last_hidden": self.last_hidden})
         return logits
 
     def _prefill_ids(self, ids: list[int], kind: str) -> np.ndarray:
@@ -111,14 +120,17 @@ class Session:
         return self._prefill_ids(self.tokenizer.encode(text).ids, kind)
 
     # ------------------------------------------------------------------ frames
-    def push_frame(self, frame, timestamp: float | None = None) -> FrameRecord:
+    def push_frame(self, frame, timestamp: float | None = None, *, budget: int | None = None) -> FrameRecord:
         """Run one frame through encoder -> reducer -> prefill, or drop it.
 
         ``frame`` is a :class:`~streamgraph.runtime.sources.Frame` or an ``[H,W,3]`` uint8 RGB
-        array with ``timestamp`` (capture time, stream seconds). The clock first waits for the
-        capture time (the frame's arrival); the scheduler then decides run/drop against
-        ``deadline = capture + frame_deadline_ms``. Raises CapacityError when the cache policy
-        has no room (``full`` at capacity)."""
+        array with ``timestamp`` (capture time, stream seconds). ``budget`` is the token budget
+        bucket to run (one of :attr:`budgets`; None = the largest); the record's ``budget`` is
+        the one used (N for a frame sent whole, e.g. DTD's first frame). The clock first waits
+        for the capture time (the frame's arrival); the scheduler then decides run/drop against
+        ``deadline = capture + frame_deadline_ms``. Raises ValueError for a budget that is not
+        a bucket, CapacityError when the cache policy has no room (``full`` at capacity)."""
+        budget = self.reducer_stage.resolve(budget)
         if self._answer_open:
             self._close_answer()
         image = getattr(frame, "image", frame)
@@ -137,7 +149,7 @@ class Session:
         rec.start = now
         predicted = {s: self.scheduler.costs.predict(s) or 0.0 for s in ("preprocess", "encode", "reduce", "prefill")}
         try:
-            stage_s, n_valid = self._run_frame(image)
+            stage_s, n_valid, rec.budget, rec.encoder = self._run_frame(image, budget)
         except Exception as e:
             rec.decision, rec.reason = "error", f"{type(e).__name__}: {e}"
             raise
@@ -147,37 +159,33 @@ class Session:
         rec.end = self.clock.now()
         rec.stage_ms = {s: 1000.0 * v for s, v in stage_s.items()}
         rec.tokens_kept = n_valid
-        rec.budget = self.plan.tokens_per_frame
         rec.slots_in_use = self.policy.slots_in_use
         rec.deadline_met = rec.end <= rec.deadline
         if not rec.deadline_met:
             rec.overran = self.scheduler.overrunning_stage(stage_s, rec.start - capture, predicted)
         return rec
 
-    def _run_frame(self, image) -> tuple[dict[str, float], int]:
-        """preprocess -> encode -> reduce -> prefill; returns seconds per stage and tokens kept."""
+    def _run_frame(self, image, budget: int) -> tuple[dict[str, float], int, int, str]:
+        """preprocess -> encode -> reduce -> prefill; returns seconds per stage, tokens kept,
+        the budget used and the encoder path (full/refresh/reuse/skip). Only the valid prefix
+        of the reduced tokens is prefilled; a frame with none skips the decoder."""
         stage_s: dict[str, float] = {}
         t0 = time.perf_counter()
         pixels = preprocess_frame(image, self.plan.image_size, self.plan.image_mean, self.plan.image_std)
         t1 = time.perf_counter()
         stage_s["preprocess"] = t1 - t0
-        tokens = self.backend.run("vision_encoder", {"pixel_values": pixels})["visual_tokens"]
+        tokens, mode = self.encoder_stage.run(pixels)
         t2 = time.perf_counter()
         stage_s["encode"] = t2 - t1
-        n_valid = tokens.shape[1]
-        offsets = None
+        reduced = self.reducer_stage.run(tokens, budget)
         if self.plan.reducer is not None:
-            red = self.backend.run("reducer", {"visual_tokens": tokens})
-            tokens, keep = red["tokens"], red["keep_mask"][0]
-            n_valid = int(keep.sum())
-            if self.plan.reducer["params"].get("positions") == "keep":
-                offsets = red["source_index"][0][keep]
             t3 = time.perf_counter()
             stage_s["reduce"] = t3 - t2
             t2 = t3
-        self._decoder_step(tokens, n_valid, "frame", offsets)
+        if reduced.n_valid:
+            self._decoder_step(reduced.tokens, reduced.n_valid, "frame", reduced.offsets)
         stage_s["prefill"] = time.perf_counter() - t2
-        return stage_s, n_valid
+        return stage_s, reduced.n_valid, reduced.budget, mode
 
     # ------------------------------------------------------------------ questions
     def ask(self, question: str, max_new_tokens: int | None = None, at: float | None = None) -> Iterator[str]:
