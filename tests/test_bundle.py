@@ -53,7 +53,7 @@ def test_manifest_lists_every_file_and_engine_io(onnx_bundle):
     on_disk = {p.relative_to(onnx_bundle).as_posix() for p in onnx_bundle.rglob("*")
                if p.is_file() and p.name != "manifest.json"}
     assert set(man["files"]) == on_disk
-    assert {"engines/vision_encoder.onnx", "engines/reducer.onnx", "engines/embed_tokens.onnx",
+    assert {"engines/vision_encoder.onnx", "engines/reducer_k16.onnx", "engines/embed_tokens.onnx",
             "engines/decoder_step.onnx"} <= on_disk
     import onnx
 

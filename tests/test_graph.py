@@ -214,16 +214,21 @@ NAMES = ["a", "b", "c", "d", "e"]
 REFS = NAMES + ["frames", "query", "zz"]
 
 
+def budgets():
+    """A token budget: an int or a list of distinct budget buckets."""
+    return st.one_of(st.integers(1, 80), st.lists(st.integers(1, 80), min_size=1, max_size=3, unique=True))
+
+
 @st.composite
 def node_dicts(draw):
     nodes = {}
     for name in draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=5)):
         op = draw(st.sampled_from(sorted(ops.OPS)))
         ref = st.sampled_from(REFS)
-        if op == "vision_encoder":
+        if ops.OPS[op].kind == "encoder":
             body = {"op": op, "input": draw(ref)} if draw(st.booleans()) else {"op": op}
-        elif op == "topk_saliency":
-            body = {"op": op, "input": draw(ref), "tokens_per_frame": draw(st.integers(1, 80))}
+        elif "tokens_per_frame" in ops.OPS[op].params.model_fields:
+            body = {"op": op, "input": draw(ref), "tokens_per_frame": draw(budgets())}
         elif op == "none":
             body = {"op": op, "input": draw(ref)}
         elif op == "full":
@@ -244,12 +249,13 @@ def near_valid_node_dicts(draw):
     names = draw(st.permutations(NAMES))
     n_reducers = draw(st.integers(0, 2))
     enc, reducers, cache, dec = names[0], names[1:1 + n_reducers], names[3], names[4]
-    nodes = {enc: {"op": "vision_encoder"}}
+    nodes = {enc: {"op": draw(st.sampled_from(["vision_encoder", "stc_cacher"]))}}
     prev = enc
     for r in reducers:
         nodes[r] = draw(st.sampled_from([
             {"op": "none", "input": prev},
-            {"op": "topk_saliency", "input": prev, "tokens_per_frame": draw(st.integers(1, 80))}]))
+            *({"op": op, "input": prev, "tokens_per_frame": draw(budgets())}
+              for op in ("topk_saliency", "dtd", "stc_pruner", "tome"))]))
         prev = r
     nodes[cache] = draw(st.sampled_from([
         {"op": "full", "capacity_tokens": draw(st.integers(1, 200))},
@@ -297,6 +303,7 @@ def test_random_graphs_build_or_raise_graph_error(nodes, n):
     assert g.nodes[pg.encoder]["kind"] == "encoder"
     assert pg.shapes[pg.encoder] == TokenShape(n, C)
     assert 1 <= pg.tokens_per_frame <= n
-    assert pg.cache_capacity >= pg.tokens_per_frame + 1
+    assert pg.tokens_per_frame <= pg.max_frame_tokens <= n
+    assert pg.cache_capacity >= pg.max_frame_tokens + 1
     assert g.edges[pg.cache, pg.decoder]["port"] == "cache"
     assert all(p is not None for _, _, p in g.edges(data="port"))

@@ -36,7 +36,7 @@ def test_ort_matches_torch_over_stream_question_and_decode(onnx_bundle):
     np.testing.assert_allclose(ort.kv.data, ref.kv.data, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("engine", ["vision_encoder", "reducer", "embed_tokens"])
+@pytest.mark.parametrize("engine", ["vision_encoder", "reducer_k16", "embed_tokens"])
 def test_each_engine_matches_torch(onnx_bundle, engine):
     from streamgraph.backends.onnxruntime import OnnxRuntimeBackend
     from streamgraph.backends.torch import TorchBackend

@@ -18,21 +18,16 @@ class TorchBackend(Backend):
             import torch
         except ImportError as e:
             raise BackendUnavailableError(f"the torch backend needs torch: {e}") from None
+        from streamgraph.compiler.lower import plan_engine_modules
         from streamgraph.models.build import load_model
         from streamgraph.models.config import VLMConfig
-        from streamgraph.reducers import build_reducer
 
         self.torch = torch
         cfg = VLMConfig.from_dict(bundle.manifest["model"]["config"])
         model = load_model(cfg, bundle.path / "weights.safetensors")
-        self.modules = {
-            "vision_encoder": model.vision_encoder(),
-            "embed_tokens": model.token_embedding(),
-            "decoder_step": model.decoder_step(),
-        }
-        red = bundle.plan.reducer
-        if red is not None:
-            self.modules["reducer"] = build_reducer(red["op"], red["params"])
+        self.modules = plan_engine_modules(model, bundle.plan)
+        if "reducer" in bundle.plan.engines:  # bundle from before budget buckets
+            self.modules["reducer"] = next(m for n, m in self.modules.items() if n.startswith("reducer_k"))
         self.output_names = {n: [o.name for o in e.outputs] for n, e in bundle.plan.engines.items()}
         self.input_names = {n: [i.name for i in e.inputs] for n, e in bundle.plan.engines.items()}
 

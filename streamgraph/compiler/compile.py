@@ -25,7 +25,7 @@ class CheckedGraph:
     cfg: object
     plan: Plan
     model: object = None
-    reducer_module: object = None
+    modules: dict | None = None           # engine name -> torch module
 
 
 def _node_params(node) -> dict:
@@ -41,10 +41,10 @@ def check_graph(path: str | Path, build_weights: bool = True) -> CheckedGraph:
     Raises :class:`SpecError`/:class:`GraphError` (located in the file) or :class:`PlanError`
     (memory over budget, with the numbers)."""
     from streamgraph.compiler.graph import build_graph
-    from streamgraph.compiler.lower import engine_weight_bytes
+    from streamgraph.compiler.lower import engine_modules, engine_weight_bytes
+    from streamgraph.compiler.ops import budget_values
     from streamgraph.compiler.spec import load_spec
     from streamgraph.models.build import build_model, model_config
-    from streamgraph.reducers import build_reducer
 
     spec = load_spec(path)
     cfg = model_config(spec)
@@ -52,22 +52,35 @@ def check_graph(path: str | Path, build_weights: bool = True) -> CheckedGraph:
     nodes = spec.nodes
     dec = nodes[pipeline.decoder]
     red_node = nodes[pipeline.reducer] if pipeline.reducer else None
-    reducer = None
+    enc_node = nodes[pipeline.encoder]
+    encoder = {"op": enc_node.op, "params": _node_params(enc_node)} if enc_node.op != "vision_encoder" else None
+    model = build_model(spec)
+    reducer, budgets, reducer_io = None, None, None
     if red_node is not None and red_node.op != "none":
+        budget = getattr(red_node, "tokens_per_frame", None)
+        budgets = budget_values(budget) if budget is not None else [pipeline.tokens_per_frame]
         reducer = {"op": red_node.op, "params": _node_params(red_node)}
     cache_node = nodes[pipeline.cache]
     cache = {"op": cache_node.op, "params": _node_params(cache_node)}
-    model = build_model(spec)
-    reducer_module = build_reducer(reducer["op"], reducer["params"]) if reducer else None
+    modules = engine_modules(model, reducer, budgets, encoder)
+    if reducer is not None:
+        n, c = cfg.vision.num_patches, cfg.text.hidden_size
+        reducers = {k: modules[f"reducer_k{k}"] for k in budgets}
+        reducer_io = {k: m.io(1, n, c) for k, m in reducers.items() if hasattr(m, "io")}
+        largest = reducers[budgets[-1]]
+        reducer["state"] = [f"state_{s}" for s in getattr(largest, "state", ())]
+        reducer["first_frame_full"] = bool(getattr(largest, "first_frame_full", False))
     try:
         plan = make_plan(cfg=cfg, reducer=reducer, tokens_per_frame=pipeline.tokens_per_frame, cache=cache,
                          prefill_chunk_tokens=dec.prefill_chunk_tokens, max_new_tokens=dec.max_new_tokens,
                          budget_mb=spec.budget.memory_mb,
-                         engine_weight_bytes=engine_weight_bytes(model, reducer_module))
+                         engine_weight_bytes=engine_weight_bytes(model, reducer, budgets, encoder),
+                         budgets=budgets, reducer_io=reducer_io, encoder=encoder,
+                         max_frame_tokens=pipeline.max_frame_tokens)
     except PlanError as e:
         line, col = spec.locate(("budget", "memory_mb")) or (None, None)
         raise SpecError(str(e), file=spec.source_file, line=line, col=col, field="budget.memory_mb") from None
-    return CheckedGraph(spec, pipeline, cfg, plan, model, reducer_module)
+    return CheckedGraph(spec, pipeline, cfg, plan, model, modules)
 
 
 def _tool_versions() -> dict:
@@ -126,7 +139,7 @@ def compile_graph(path: str | Path, out_dir: str | Path | None = None, force: bo
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if target == "onnx":
-            lower_all(checked.model, checked.reducer_module, plan, tmp, progress=progress)
+            lower_all(checked.model, plan, tmp, progress=progress)
         save_weights(checked.model, tmp / "weights.safetensors")
         save_byte_level_tokenizer(tmp / "tokenizer.json")
         manifest = {

@@ -46,7 +46,9 @@ class PipelineGraph:
     edge attribute ``port`` (the consuming input port: ``input``, ``visual``, ``text``,
     ``cache``). ``shapes`` maps the encoder and the reducer to their output
     :class:`TokenShape`; ``tokens_per_frame`` is K, the visual tokens per frame the decoder
-    receives; ``cache_capacity`` the KV-cache capacity in slots.
+    receives (the largest budget bucket); ``max_frame_tokens`` the most visual tokens one
+    frame can put into a prefill chunk (more than K for a reducer that sends some frames
+    whole, like DTD's first frame); ``cache_capacity`` the KV-cache capacity in slots.
     """
 
     spec: GraphSpec
@@ -58,6 +60,7 @@ class PipelineGraph:
     shapes: dict[str, TokenShape]
     tokens_per_frame: int
     cache_capacity: int
+    max_frame_tokens: int = 0
 
     def node(self, name: str) -> Any:
         """Params model of node ``name`` (``KeyError`` if undefined)."""
@@ -110,26 +113,32 @@ def build_graph(spec: GraphSpec, *, encoder_tokens: int, hidden_size: int) -> Pi
         shapes[name] = shape
     assert shape is not None
     tokens_per_frame = shape.n
+    frame_tokens, upstream = tokens_per_frame, shapes[encoder]
+    for name in reducers:
+        rule = OPS[spec.nodes[name].op].frame_tokens
+        if rule is not None:
+            frame_tokens = max(frame_tokens, rule(spec.nodes[name], upstream))
+        upstream = shapes[name]
 
     cache_node, dec_node = spec.nodes[cache], spec.nodes[decoder]
     cache_info = OPS[cache_node.op]
     assert cache_info.capacity is not None, f"op {cache_node.op!r} has no capacity rule"
     capacity = cache_info.capacity(cache_node)
-    if capacity < tokens_per_frame + 1:
+    if capacity < frame_tokens + 1:
         raise checker.error(cache, None,
                             f"KV-cache capacity of {capacity} slots is less than "
-                            f"{tokens_per_frame + 1} ({tokens_per_frame} visual tokens per "
+                            f"{frame_tokens + 1} ({frame_tokens} visual tokens per "
                             f"frame + 1 decode token)")
     if cache_info.check_cache is not None:
         try:
-            cache_info.check_cache(cache_node, tokens_per_frame, dec_node)
+            cache_info.check_cache(cache_node, frame_tokens, dec_node)
         except ShapeError as exc:
             raise checker.error(cache, exc.field, exc.message) from None
 
     return PipelineGraph(spec=spec, graph=g, encoder=encoder,
                          reducer=reducers[0] if reducers else None, cache=cache,
                          decoder=decoder, shapes=shapes, tokens_per_frame=tokens_per_frame,
-                         cache_capacity=capacity)
+                         cache_capacity=capacity, max_frame_tokens=frame_tokens)
 
 
 @dataclass(frozen=True)

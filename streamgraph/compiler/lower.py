@@ -32,23 +32,45 @@ def unique_param_bytes(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> i
     return total
 
 
-def engine_modules(model, reducer_module) -> dict[str, torch.nn.Module]:
-    """The modules behind each engine of the plan."""
+def engine_modules(model, reducer: dict | None = None, budgets: list[int] | None = None,
+                   encoder: dict | None = None) -> dict[str, torch.nn.Module]:
+    """The module behind each engine: the plain engines of ``model``, one reducer module per
+    budget bucket (``reducer_k{K}``; ``reducer`` is ``{"op", "params"}`` or None), and, for
+    ``encoder = {"op": "stc_cacher", "params"}``, the refresh encoder (exported as
+    ``vision_encoder``, with the extra ``encoder_refs`` output) and ``vision_encoder_reuse``."""
+    from streamgraph.reducers import budgets_of, build_reducer
+
     mods = {
         "vision_encoder": model.vision_encoder(),
         "embed_tokens": model.token_embedding(),
         "decoder_step": model.decoder_step(),
     }
-    if reducer_module is not None:
-        mods["reducer"] = reducer_module
+    if encoder is not None:
+        from streamgraph.reducers.stc_cacher import RefreshVisionEncoder, ReuseVisionEncoder
+
+        if encoder["op"] != "stc_cacher":
+            raise KeyError(f"unknown encoder reuse op {encoder['op']!r}")
+        mods["vision_encoder"] = RefreshVisionEncoder(model.vision_tower, model.multi_modal_projector)
+        mods["vision_encoder_reuse"] = ReuseVisionEncoder(
+            model.vision_tower, model.multi_modal_projector, float(encoder["params"]["update_ratio"]))
+    if reducer is not None:
+        for k in budgets or budgets_of(reducer["params"]) or [None]:
+            module = build_reducer(reducer["op"], reducer["params"], k)
+            mods[f"reducer_k{getattr(module, 'k', k)}"] = module
     return mods
 
 
-def engine_weight_bytes(model, reducer_module) -> dict[str, int]:
+def plan_engine_modules(model, plan: Plan) -> dict[str, torch.nn.Module]:
+    """:func:`engine_modules` for the engines of ``plan``."""
+    return engine_modules(model, plan.reducer, plan.budgets, plan.encoder)
+
+
+def engine_weight_bytes(model, reducer: dict | None = None, budgets: list[int] | None = None,
+                        encoder: dict | None = None) -> dict[str, int]:
     """Bytes of weights each exported engine carries (the decoder step does not use the input
     embedding table unless it is tied to ``lm_head``)."""
     out = {}
-    for name, m in engine_modules(model, reducer_module).items():
+    for name, m in engine_modules(model, reducer, budgets, encoder).items():
         skip = ("model.embed_tokens",) if name == "decoder_step" else ()
         out[name] = unique_param_bytes(m, skip)
     if model.cfg.text.tie_word_embeddings:
@@ -102,9 +124,9 @@ def export_engine(module: torch.nn.Module, engine: EnginePlan, out_dir: Path, op
     return path
 
 
-def lower_all(model, reducer_module, plan: Plan, out_dir: Path, opset: int = OPSET, progress=None) -> None:
+def lower_all(model, plan: Plan, out_dir: Path, opset: int = OPSET, progress=None) -> None:
     """Export every engine of ``plan`` into ``out_dir``; ``progress(name)`` is called before each."""
-    mods = engine_modules(model, reducer_module)
+    mods = plan_engine_modules(model, plan)
     for name, engine in plan.engines.items():
         if progress:
             progress(name)

@@ -32,11 +32,11 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
 __all__ = [
     "PortType", "OpKind", "Port", "TokenShape", "ShapeContext", "ShapeError", "OpInfo",
-    "NodeBase", "NodeRef", "SOURCES", "OPS", "register", "get_op", "op_names", "producers",
+    "NodeBase", "NodeRef", "TokenBudget", "budget_values", "SOURCES", "OPS", "register", "get_op", "op_names", "producers",
     "VisionEncoderNode", "TopkSaliencyNode", "NoneNode", "FullNode", "SinkWindowNode",
     "DecoderNode",
 ]
@@ -110,6 +110,55 @@ class NodeBase(BaseModel):
 NodeRef = typing.Annotated[str, Field(min_length=1)]
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"{'integer' if isinstance(value, int) else 'number'} {value}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if value is None:
+        return "null"
+    return "a mapping" if isinstance(value, dict) else f"{type(value).__name__}"
+
+
+def _check_budget(value: Any) -> int | list[int]:
+    """Validate a token budget: an integer >= 1, or a non-empty list of distinct integers
+    >= 1 (budget buckets), returned sorted ascending. Raises ValueError."""
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("expected at least one token budget, got an empty list")
+        for i, v in enumerate(value):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"item {i}: expected an integer, got {_describe(v)}")
+            if v < 1:
+                raise ValueError(f"item {i}: must be >= 1, got {v}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"token budgets must be distinct, got {value}")
+        return sorted(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {_describe(value)} (a token budget is an "
+                         f"integer >= 1 or a list of them)")
+    if value < 1:
+        raise ValueError(f"must be >= 1, got {value}")
+    return value
+
+
+#: A token budget K (``tokens_per_frame: 32``) or several budget buckets
+#: (``tokens_per_frame: [16, 32, 64]``, stored ascending); the compiler builds one reducer
+#: engine per bucket so the scheduler can degrade to a smaller one.
+TokenBudget = typing.Annotated[
+    int | list[int], PlainValidator(_check_budget),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1},
+                              {"type": "array", "items": {"type": "integer", "minimum": 1},
+                               "minItems": 1, "uniqueItems": True}]})]
+
+
+def budget_values(budget: int | list[int]) -> list[int]:
+    """Budget buckets of a ``tokens_per_frame`` value, ascending."""
+    return sorted(budget) if isinstance(budget, list) else [int(budget)]
+
+
 @dataclass(frozen=True)
 class OpInfo:
     """Registry entry of one op.
@@ -120,6 +169,9 @@ class OpInfo:
     - ``capacity(params)`` (cache policies): KV-cache capacity in slots.
     - ``check_cache(params, tokens_per_frame, decoder_params)`` (cache policies,
       optional): extra constraints; raises :class:`ShapeError`.
+    - ``frame_tokens(params, input_shape)`` (reducers, optional): the most visual tokens one
+      frame can send to the decoder when that is more than the output shape's ``n`` (DTD
+      sends a stream's first frame whole); the graph's cache checks use it.
     """
 
     name: str
@@ -130,6 +182,7 @@ class OpInfo:
     infer_shape: Callable[[Any, TokenShape | None, ShapeContext], TokenShape] | None = None
     capacity: Callable[[Any], int] | None = None
     check_cache: Callable[[Any, int, Any], None] | None = None
+    frame_tokens: Callable[[Any, TokenShape], int] | None = None
 
     @property
     def doc(self) -> str:
@@ -207,8 +260,9 @@ class TopkSaliencyNode(NodeBase):
     op: Literal["topk_saliency"]
     input: NodeRef
     """Node producing visual tokens (the encoder; v1 allows one reducer)."""
-    tokens_per_frame: int = Field(ge=1)
-    """Token budget K: visual tokens kept per frame (1 <= K <= N)."""
+    tokens_per_frame: TokenBudget
+    """Token budget K: visual tokens kept per frame (1 <= K <= N), or a list of budget
+    buckets, e.g. `[16, 32, 64]` (one engine each; the largest is the default)."""
     positions: Literal["keep", "compact"] = "compact"
     """`keep`: kept tokens keep their original positions in the frame; `compact`: they
     get consecutive positions."""
@@ -216,7 +270,7 @@ class TopkSaliencyNode(NodeBase):
 
 def _budget_shape(params: Any, inp: TokenShape | None, ctx: ShapeContext) -> TokenShape:
     assert inp is not None
-    k = params.tokens_per_frame
+    k = max(budget_values(params.tokens_per_frame))
     if k > inp.n:
         raise ShapeError("tokens_per_frame",
                          f"token budget {k} exceeds the {inp.n} visual tokens per frame "
@@ -311,3 +365,7 @@ register(OpInfo("decoder", "decoder", DecoderNode,
                         Port("text", PortType.TEXT),
                         Port("cache", PortType.CACHE_POLICY, field="cache")),
                 output=None))
+
+
+# Token-reduction ops (dtd, stc_pruner, tome, stc_cacher) register themselves on import.
+from streamgraph.compiler import reduction_ops as _reduction_ops  # noqa: E402,F401

@@ -83,10 +83,10 @@ class Plan:
     batch: int
     image_size: list[int]                 # [H, W] pixels fed to the vision encoder
     encoder_tokens: int                   # N visual tokens per frame at the encoder output
-    tokens_per_frame: int                 # K tokens per frame after the reducer
+    tokens_per_frame: int                 # K tokens per frame after the reducer (largest bucket)
     hidden_size: int                      # C
     vocab_size: int
-    reducer: dict | None                  # {"op", "params"} or None for the identity reducer
+    reducer: dict | None                  # {"op", "params", "state", "first_frame_full"} or None
     cache: dict                           # {"op", "params", "capacity"}
     chunk_max: int                        # largest prefill chunk T
     prefill_chunk_tokens: int
@@ -96,6 +96,17 @@ class Plan:
     memory: MemoryPlan
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    #: Token budget buckets, ascending; one engine ``reducer_k{K}`` each when there is a
+    #: reducer (``[N]`` without one). Empty in bundles from before buckets existed.
+    budgets: list[int] = field(default_factory=list)
+    #: Encoder reuse: ``{"op": "stc_cacher", "params": {...}}``, or None for the plain encoder.
+    encoder: dict | None = None
+
+    def reducer_engine(self, budget: int) -> str:
+        """Engine name of the reducer bucket ``budget`` (``reducer`` in pre-bucket bundles)."""
+        if "reducer" in self.engines:
+            return "reducer"
+        return f"reducer_k{budget}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,38 +158,56 @@ def _decoder_activation_bytes(cfg, b: int, t: int, s: int) -> int:
 
 def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
               prefill_chunk_tokens: int, max_new_tokens: int, budget_mb: float,
-              engine_weight_bytes: dict[str, int], batch: int = 1, dtype: str = "float32") -> Plan:
+              engine_weight_bytes: dict[str, int], batch: int = 1, dtype: str = "float32",
+              budgets: list[int] | None = None,
+              reducer_io: dict[int, tuple[list[TensorSpec], list[TensorSpec]]] | None = None,
+              encoder: dict | None = None, max_frame_tokens: int | None = None) -> Plan:
     """Plan shapes and memory.
 
     ``cfg`` is a :class:`~streamgraph.models.config.VLMConfig`; ``reducer``/``cache`` are
     ``{"op", "params"}`` dicts; ``engine_weight_bytes`` maps engine name -> bytes of its
-    parameters. Raises :class:`PlanError` when the total exceeds ``budget_mb`` MiB, naming
-    every part.
+    parameters. ``budgets`` are the reducer's budget buckets (default ``[tokens_per_frame]``);
+    ``reducer_io`` maps a bucket to its engine's (inputs, outputs) (default: ``visual_tokens``
+    -> ``tokens, keep_mask, source_index``). ``encoder`` is ``{"op": "stc_cacher", "params"}``
+    for encoder reuse (adds output ``encoder_refs [Lv,4,B,N,Cv]`` to ``vision_encoder`` and the
+    engine ``vision_encoder_reuse``). ``max_frame_tokens`` (default K) bounds the prefill chunk
+    when a reducer can send a frame whole. Raises :class:`PlanError` when the total exceeds
+    ``budget_mb`` MiB, naming every part.
     """
     v, x = cfg.vision, cfg.text
     b, n, k, c = batch, v.num_patches, tokens_per_frame, x.hidden_size
+    budgets = sorted(budgets) if budgets else [k]
     cap = cache_capacity(cache["op"], cache["params"])
-    t_max = max(k, prefill_chunk_tokens)
+    t_max = max(max(k, max_frame_tokens or 0), prefill_chunk_tokens)
     kv_shape = [x.num_hidden_layers, 2, b, x.num_key_value_heads, cap, x.head_dim]
     kv_bytes = int(np.prod(kv_shape)) * DTYPE_BYTES[dtype]
     h, w = v.image_size
     f, i64, bl = dtype, "int64", "bool"
 
     engines: dict[str, EnginePlan] = {}
+    pixels = TensorSpec("pixel_values", f, [b, v.num_channels, h, w])
+    refs = TensorSpec("encoder_refs", f, [v.num_hidden_layers, 4, b, n, v.hidden_size])
     engines["vision_encoder"] = EnginePlan(
-        "vision_encoder", "engines/vision_encoder.onnx",
-        [TensorSpec("pixel_values", f, [b, v.num_channels, h, w])],
-        [TensorSpec("visual_tokens", f, [b, n, c])],
+        "vision_encoder", "engines/vision_encoder.onnx", [pixels],
+        [TensorSpec("visual_tokens", f, [b, n, c])] + ([refs] if encoder is not None else []),
         weights_bytes=engine_weight_bytes.get("vision_encoder", 0),
         activations_bytes=_vision_activation_bytes(cfg, b))
-    if reducer is not None:
-        engines["reducer"] = EnginePlan(
-            "reducer", "engines/reducer.onnx",
+    if encoder is not None:
+        engines["vision_encoder_reuse"] = EnginePlan(
+            "vision_encoder_reuse", "engines/vision_encoder_reuse.onnx", [pixels, refs],
             [TensorSpec("visual_tokens", f, [b, n, c])],
-            [TensorSpec("tokens", f, [b, k, c]), TensorSpec("keep_mask", bl, [b, k]),
-             TensorSpec("source_index", i64, [b, k])],
-            weights_bytes=engine_weight_bytes.get("reducer", 0),
-            activations_bytes=b * n * c * 4 * 2)
+            weights_bytes=engine_weight_bytes.get("vision_encoder_reuse", 0),
+            activations_bytes=_vision_activation_bytes(cfg, b))
+    if reducer is not None:
+        for kb in budgets:
+            name = f"reducer_k{kb}"
+            ins, outs = (reducer_io or {}).get(kb) or (
+                [TensorSpec("visual_tokens", f, [b, n, c])],
+                [TensorSpec("tokens", f, [b, kb, c]), TensorSpec("keep_mask", bl, [b, kb]),
+                 TensorSpec("source_index", i64, [b, kb])])
+            engines[name] = EnginePlan(name, f"engines/{name}.onnx", ins, outs,
+                                       weights_bytes=engine_weight_bytes.get(name, 0),
+                                       activations_bytes=b * n * c * 4 * 2)
     engines["embed_tokens"] = EnginePlan(
         "embed_tokens", "engines/embed_tokens.onnx",
         [TensorSpec("input_ids", i64, [b, "T"])], [TensorSpec("inputs_embeds", f, [b, "T", c])],
@@ -211,4 +240,5 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
         vocab_size=x.vocab_size, reducer=reducer, cache={**cache, "capacity": cap},
         chunk_max=t_max, prefill_chunk_tokens=prefill_chunk_tokens, max_new_tokens=max_new_tokens,
         kv=KVPlan(kv_shape, dtype, kv_bytes), engines=engines, memory=memory,
-        image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))
+        image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
+        budgets=budgets if reducer is not None else [k], encoder=encoder)

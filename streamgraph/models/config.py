@@ -78,22 +78,6 @@ class VLMConfig:
         )
 
 
-def small_config(frame_size: tuple[int, int] = (224, 224)) -> VLMConfig:
-    """The ``small`` preset: 4-layer ViT (patch 16, width 192) and 6-layer GQA decoder
-    (width 512, 8 heads, 2 KV heads): big enough that encode and prefill cost tens of ms on a
-    2-core CPU, for scheduler and token-reduction benchmarks. Random weights.
-
-    ``frame_size`` (height, width) must be a multiple of 16. Raises ValueError otherwise."""
-    h, w = frame_size
-    if h % 16 or w % 16:
-        raise ValueError(f"frame_size {h}x{w} must be a multiple of the small preset's patch size 16")
-    return VLMConfig(
-        vision=VisionConfig(image_size=(h, w), patch_size=16, hidden_size=192, intermediate_size=768,
-                            num_hidden_layers=4, num_attention_heads=3),
-        text=TextConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
-                        num_key_value_heads=2, head_dim=64))
-
-
 PRESETS: dict = {}     # preset name -> config factory(frame_size); filled at the end of the module
 
 
@@ -107,6 +91,24 @@ def tiny_config(frame_size: tuple[int, int] = (64, 64)) -> VLMConfig:
     if h % 8 or w % 8:
         raise ValueError(f"frame_size {h}x{w} must be a multiple of the tiny preset's patch size 8")
     return VLMConfig(vision=VisionConfig(image_size=(h, w)), text=TextConfig())
+
+
+def small_config(frame_size: tuple[int, int] = (224, 224)) -> VLMConfig:
+    """The ``small`` preset, sized so that encoder and prefill costs are measurable on a CPU:
+    4-layer ViT (width 192, 3 heads, patch 14: 224x224 px -> 16x16 = 256 visual tokens) and a
+    4-layer GQA decoder (width 256, 8 query / 2 KV heads of 32).
+
+    ``frame_size`` (height, width) must be a multiple of the patch size (14).
+    Raises ValueError otherwise.
+    """
+    h, w = frame_size
+    if h % 14 or w % 14:
+        raise ValueError(f"frame_size {h}x{w} must be a multiple of the small preset's patch size 14")
+    vision = VisionConfig(image_size=(h, w), patch_size=14, hidden_size=192, intermediate_size=768,
+                          num_hidden_layers=4, num_attention_heads=3)
+    text = TextConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=2, head_dim=32)
+    return VLMConfig(vision=vision, text=text)
 
 
 PRESETS.update(tiny=tiny_config, small=small_config)

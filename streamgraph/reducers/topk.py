@@ -8,20 +8,18 @@ returned in their original (raster) order, so ``source_index`` is strictly incre
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from streamgraph.reducers.base import Reducer
 
 
-class TopKSaliency(nn.Module):
+class TopKSaliency(Reducer):
     """``tokens [B,N,C]`` -> ``tokens [B,K,C]``, ``keep_mask [B,K]`` bool,
     ``source_index [B,K]`` int64 (ascending).
 
     Ties in the norm are broken by :func:`torch.topk`'s order; K must satisfy 1 <= K <= N
     (checked by the compiler's shape inference).
     """
-
-    def __init__(self, k: int):
-        super().__init__()
-        self.k = k
 
     def forward(self, tokens: Tensor):
         b, n, c = tokens.shape
@@ -33,12 +31,5 @@ class TopKSaliency(nn.Module):
         return kept, keep_mask, idx
 
 
-def build_reducer(op: str, params: dict) -> nn.Module | None:
-    """Torch module for a reducer op, or ``None`` for the identity reducer ``none``.
-
-    Raises KeyError for an op that is not a reducer."""
-    if op == "none":
-        return None
-    if op == "topk_saliency":
-        return TopKSaliency(int(params["tokens_per_frame"]))
-    raise KeyError(f"not a reducer op: {op!r}")
+def _build(params: dict, k: int) -> TopKSaliency:
+    return TopKSaliency(k)

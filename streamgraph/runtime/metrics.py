@@ -21,6 +21,7 @@ class FrameRecord:
     stage_ms: dict[str, float] = field(default_factory=dict)
     tokens_kept: int = 0
     budget: int = 0                  # token budget K the frame ran at
+    encoder: str = ""                # encoder path: full | refresh | reuse | skip (stc_cacher)
     slots_in_use: int = 0            # KV slots holding tokens after the frame
     deadline_met: bool | None = None
     overran: str | None = None       # stage that overran, for a miss or a drop

@@ -25,6 +25,7 @@ from streamgraph.runtime.clock import Clock, SimulatedClock
 from streamgraph.runtime.kv import CachePolicy, KVBuffer, make_policy
 from streamgraph.runtime.metrics import QuestionRecord
 from streamgraph.runtime.preprocess import preprocess_frame
+from streamgraph.runtime.reduction import EncoderStage, ReducerStage
 from streamgraph.runtime.scheduler import Scheduler
 from streamgraph.runtime.stream import StreamBase
 
@@ -40,6 +41,8 @@ class Session(StreamBase):
     pieces; ``report`` summarises the run. With ``trace=True`` every decoder step's logits are
     kept in ``self.trace`` (for parity tests). Several sessions can share one executor through
     :class:`~streamgraph.runtime.runner.StreamRunner` (EDF across streams).
+    ``last_hidden [C]`` is the decoder's final-norm hidden state of the last valid token of the
+    latest step. ``budgets`` lists the token budget buckets a frame can run at (ascending).
     """
 
     def __init__(self, bundle: Bundle, backend: Backend, *, clock: Clock | None = None,
@@ -50,7 +53,7 @@ class Session(StreamBase):
         self.plan = bundle.plan
         self.backend = backend
         slo = bundle.manifest["slo"]
-        self.budgets = list(getattr(self.plan, "budgets", None) or [self.plan.tokens_per_frame])
+        self.budgets = list(self.plan.budgets or [self.plan.tokens_per_frame])
         StreamBase.__init__(self, Scheduler(overload or slo["overload"], slo["frame_deadline_ms"], slo["ttft_ms"],
                                             budgets=self.budgets), clock or SimulatedClock())
         self.tokenizer = Tokenizer.from_file(str(bundle.path / bundle.manifest["prompt"]["tokenizer"]))
@@ -59,6 +62,9 @@ class Session(StreamBase):
             raise AssertionError(f"KV buffer {self.kv.nbytes} B != plan {self.plan.kv.bytes} B")
         cache = self.plan.cache
         self.policy: CachePolicy = make_policy(cache["op"], cache["params"])
+        self.encoder_stage = EncoderStage(self.plan, backend)
+        self.reducer_stage = ReducerStage(self.plan, backend)
+        self.last_hidden: np.ndarray | None = None
         self.trace_enabled = trace
         self.trace: list[dict] = []
         self._answer_open = False
@@ -95,9 +101,11 @@ class Session(StreamBase):
             return logits
         self.kv.write(out["new_kv"], step.write_slots)
         self.policy.commit(step)
+        if "last_hidden" in out:
+            self.last_hidden = out["last_hidden"][0]
         if self.trace_enabled:
             self.trace.append({"kind": kind, "logits": logits.copy(), "inputs_embeds": embeds.copy(),
-                               "n_valid": n_valid})
+                               "n_valid": n_valid, "last_hidden": self.last_hidden})
         return logits
 
     def _prefill_ids(self, ids: list[int], kind: str) -> np.ndarray:
@@ -121,62 +129,73 @@ class Session(StreamBase):
     def kv_bytes(self) -> int:
         return self.kv.nbytes
 
-    def push_frame(self, frame, timestamp: float | None = None):
+    def push_frame(self, frame, timestamp: float | None = None, *, budget: int | None = None):
         """Run one frame through encoder -> reducer -> prefill, or drop it (see
-        :meth:`StreamBase.push_frame`). Raises CapacityError when the cache policy has no room
-        (``full`` at capacity); the frame's record then says ``error``."""
+        :meth:`StreamBase.push_frame`). ``budget`` is the token budget bucket to run (one of
+        :attr:`budgets`; None = whatever the overload policy picks, the largest unless it
+        degrades); the record's ``budget`` is the one used (N for a frame sent whole, e.g. DTD's
+        first frame). Raises ValueError for a budget that is not a bucket, CapacityError when
+        the cache policy has no room (``full`` at capacity); the frame's record then says
+        ``error``."""
+        if budget is not None:
+            budget = self.reducer_stage.resolve(budget)
         if self._answer_open:
             self._close_answer()
-        return super().push_frame(frame, timestamp)
+        return super().push_frame(frame, timestamp, budget=budget)
 
     def calibrate(self, repeats: int = 2) -> dict[str, float]:
         """Measure every stage at every budget bucket on a blank frame, without touching the
-        KV cache, and seed the scheduler's cost model with the median (seconds)."""
+        KV cache or the encoder/reducer state, and seed the scheduler's cost model with the
+        median (seconds). The first run per bucket is a warm-up and is discarded."""
+        from streamgraph.runtime.reduction import EncoderStage, ReducerStage
+
         h, w = self.plan.image_size
         image = np.zeros((h, w, 3), dtype=np.uint8)
-        for budget in self.budgets:
-            samples: dict[str, list[float]] = {}
-            for _ in range(repeats):
-                stage_s, _ = self._run_frame(image, budget, commit=False)
-                for k, v in stage_s.items():
-                    samples.setdefault(k, []).append(v)
-            for k, v in samples.items():
-                self.scheduler.costs.set(k, float(np.median(v)), budget)
+        live = self.encoder_stage, self.reducer_stage
+        try:
+            for budget in self.budgets:
+                self.encoder_stage = EncoderStage(self.plan, self.backend)   # scratch state
+                self.reducer_stage = ReducerStage(self.plan, self.backend)
+                samples: dict[str, list[float]] = {}
+                for i in range(repeats + 1):
+                    stage_s, *_ = self._run_frame(image, budget, commit=False)
+                    for k, v in stage_s.items():
+                        if i:
+                            samples.setdefault(k, []).append(v)
+                for k, v in samples.items():
+                    self.scheduler.costs.set(k, float(np.median(v)), budget)
+        finally:
+            self.encoder_stage, self.reducer_stage = live
         return dict(self.scheduler.costs.mean)
 
-    def execute_frame(self, image, budget: int | None = None) -> tuple[dict[str, float], int]:
+    def execute_frame(self, image, budget: int | None = None) -> tuple[dict[str, float], int, dict]:
         if self._answer_open:
             self._close_answer()
-        return self._run_frame(image, budget)
+        stage_s, n_valid, used, mode = self._run_frame(image, self.reducer_stage.resolve(budget))
+        return stage_s, n_valid, {"budget": used, "encoder": mode}
 
-    def _reducer_engine(self, budget: int | None) -> str:
-        return "reducer"
-
-    def _run_frame(self, image, budget: int | None = None, commit: bool = True) -> tuple[dict[str, float], int]:
-        """preprocess -> encode -> reduce -> prefill; returns seconds per stage and tokens kept.
-        With ``commit=False`` the decoder step runs but nothing is written to the KV cache."""
+    def _run_frame(self, image, budget: int, commit: bool = True) -> tuple[dict[str, float], int, int, str]:
+        """preprocess -> encode -> reduce -> prefill; returns seconds per stage, tokens kept,
+        the budget used and the encoder path (full/refresh/reuse/skip). Only the valid prefix
+        of the reduced tokens is prefilled; a frame with none skips the decoder. With
+        ``commit=False`` the decoder step runs but nothing is written to the KV cache."""
         stage_s: dict[str, float] = {}
         t0 = time.perf_counter()
         pixels = preprocess_frame(image, self.plan.image_size, self.plan.image_mean, self.plan.image_std)
         t1 = time.perf_counter()
         stage_s["preprocess"] = t1 - t0
-        tokens = self.backend.run("vision_encoder", {"pixel_values": pixels})["visual_tokens"]
+        tokens, mode = self.encoder_stage.run(pixels)
         t2 = time.perf_counter()
         stage_s["encode"] = t2 - t1
-        n_valid = tokens.shape[1]
-        offsets = None
+        reduced = self.reducer_stage.run(tokens, budget)
         if self.plan.reducer is not None:
-            red = self.backend.run(self._reducer_engine(budget), {"visual_tokens": tokens})
-            tokens, keep = red["tokens"], red["keep_mask"][0]
-            n_valid = int(keep.sum())
-            if self.plan.reducer["params"].get("positions") == "keep":
-                offsets = red["source_index"][0][keep]
             t3 = time.perf_counter()
             stage_s["reduce"] = t3 - t2
             t2 = t3
-        self._decoder_step(tokens, n_valid, "frame", offsets, commit=commit)
+        if reduced.n_valid:
+            self._decoder_step(reduced.tokens, reduced.n_valid, "frame", reduced.offsets, commit=commit)
         stage_s["prefill"] = time.perf_counter() - t2
-        return stage_s, n_valid
+        return stage_s, reduced.n_valid, reduced.budget, mode
 
     # ------------------------------------------------------------------ questions
     def ask(self, question: str, max_new_tokens: int | None = None, at: float | None = None) -> Iterator[str]:

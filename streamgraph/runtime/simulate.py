@@ -57,13 +57,13 @@ class SimulatedSession(StreamBase):
             c *= max(0.1, 1.0 + self.jitter * self.rng.standard_normal())
         return float(c)
 
-    def execute_frame(self, image, budget: int | None = None) -> tuple[dict[str, float], int]:
+    def execute_frame(self, image, budget: int | None = None) -> tuple[dict[str, float], int, dict]:
         budget = budget if budget is not None else self.scheduler.full_budget
         scale = self.cost_scale(self._executed) if self.cost_scale else 1.0
         self._executed += 1
         stage_s = {s: scale * self._cost(s, budget) for s in FRAME_STAGES if s in self.costs}
         self.tokens += budget or 0
-        return stage_s, budget or 0
+        return stage_s, budget or 0, {"budget": budget or 0, "encoder": "simulated"}
 
     def ask(self, question: str, max_new_tokens: int | None = None, at: float | None = None) -> Iterator[str]:
         asked = self.clock.now() if at is None else float(at)

@@ -25,9 +25,10 @@ class StreamBase(ABC):
 
     # -- to implement ------------------------------------------------------------------
     @abstractmethod
-    def execute_frame(self, image, budget: int | None = None) -> tuple[dict[str, float], int]:
-        """Run one frame at token budget ``budget`` (None = full); return seconds per stage
-        and the number of tokens written to the KV cache. Does not touch the clock."""
+    def execute_frame(self, image, budget: int | None = None) -> tuple[dict[str, float], int, dict]:
+        """Run one frame at token budget ``budget`` (None = full); return seconds per stage,
+        the number of tokens written to the KV cache, and extra record fields (``budget``
+        actually used, ``encoder`` path). Does not touch the clock."""
 
     @property
     @abstractmethod
@@ -59,7 +60,7 @@ class StreamBase(ABC):
         self.frames.append(rec)
         predicted = self.scheduler.costs.predict_stages(decision.budget)
         try:
-            stage_s, n_valid = self.execute_frame(image, decision.budget)
+            stage_s, n_valid, extra = self.execute_frame(image, decision.budget)
         except Exception as e:
             rec.decision, rec.reason = "error", f"{type(e).__name__}: {e}"
             raise
@@ -69,23 +70,29 @@ class StreamBase(ABC):
         rec.end = self.clock.now()
         rec.stage_ms = {s: 1000.0 * v for s, v in stage_s.items()}
         rec.tokens_kept = n_valid
+        rec.budget = extra.get("budget", rec.budget)
+        rec.encoder = extra.get("encoder", rec.encoder)
         rec.slots_in_use = self.slots_in_use
         rec.deadline_met = rec.end <= rec.deadline + TIME_EPS
         if not rec.deadline_met:
             rec.overran = self.scheduler.overrunning_stage(stage_s, predicted, start, rec.deadline)
         return rec
 
-    def push_frame(self, frame, timestamp: float | None = None) -> FrameRecord:
+    def push_frame(self, frame, timestamp: float | None = None, *, budget: int | None = None) -> FrameRecord:
         """Single-frame path: wait for the frame's capture time, decide, run or drop.
 
         ``frame`` is a :class:`~streamgraph.runtime.sources.Frame` or an ``[H,W,3]`` uint8
         RGB array with ``timestamp`` (capture time, stream seconds). Policies that need a
         queue of pending frames (``latest_only``, EDF across streams) need
-        :class:`~streamgraph.runtime.runner.StreamRunner`; here each frame is decided alone."""
+        :class:`~streamgraph.runtime.runner.StreamRunner`; here each frame is decided alone.
+        A given ``budget`` overrides the policy's choice of bucket (the frame can still be
+        dropped)."""
         image = getattr(frame, "image", frame)
         capture = float(getattr(frame, "timestamp", timestamp if timestamp is not None else 0.0))
         self.clock.wait_until(capture)
         decision = self.scheduler.decide(capture, self.clock.now())
+        if budget is not None and decision.action == "run":
+            decision.budget = budget
         if decision.action == "drop":
             return self.record_drop(capture, decision)
         return self.run_decided(image, capture, decision)

@@ -1,0 +1,117 @@
+"""``stc_cacher``: STC-Cacher encoder reuse — on non-refresh frames every ViT layer recomputes
+only a fixed fraction of tokens and reuses the reference frame's outputs for the rest.
+
+Source: "STC: Streaming Token Compression for Streaming Video LLMs" — reference code
+``lern-to-write/STC@9b13ce0:model/custom_siglip.py`` (``forward_with_selective_key_recompute``,
+``register_cache_by_key_Siglip``), ``model/cache.py`` (``STC_CACHE``), refactor
+``stc/cacher/reference_forward.py``; techniques.md §3.1.
+
+Two engines, both with the plain encoder's weights:
+
+* refresh — :class:`RefreshVisionEncoder`, exported as ``vision_encoder`` with one extra
+  output: ``pixel_values [B,3,H,W]`` -> ``visual_tokens [B,N,C]`` (exactly the plain encoder's
+  ops) and ``encoder_refs [L,4,B,T,Cv]`` float32, per layer ``[K_ref, V_ref, A_ref, M_ref]``:
+  the keys and values of LN1(h) (after ``k_proj``/``v_proj``), the attention branch after
+  ``out_proj`` and the MLP branch, each before its residual add;
+* reuse — :class:`ReuseVisionEncoder`, engine ``vision_encoder_reuse``: ``pixel_values``,
+  ``encoder_refs`` -> ``visual_tokens``. Per layer, input ``h [B,T,Cv]``:
+
+  1. ``x1 = LN1(h)``; ``K = k_proj(x1)`` for all tokens;
+  2. ``score[t] = cos(K[t], K_ref[t])`` (same position);
+  3. ``idx`` = the ``n = max(1, min(int(T·r), T))`` **least similar** tokens (``topk`` smallest);
+  4. ``Q = q_proj(x1[idx])``, ``V = V_ref`` with rows ``idx`` replaced by ``v_proj(x1[idx])``;
+  5. ``A = A_ref`` with rows ``idx`` replaced by ``out_proj(softmax(Q·Kᵀ/√d)·V)`` (all T keys);
+  6. ``h2 = h + A``; ``M = M_ref`` with rows ``idx`` replaced by ``mlp(LN2(h2[idx]))``;
+     ``out = h2 + M`` (LN2 is per token, so normalizing only the selected rows is identical).
+
+The reference buffers are never updated by the reuse engine (the reference stores them on
+refresh frames only). The runtime owns them and decides per frame: refresh every
+``refresh_every`` encoded frames, reuse otherwise (``streamgraph.runtime.reduction``). Shapes
+are static because n is fixed at build time. The patch embedding and the projector stay dense.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from streamgraph.reducers.base import cosine, gather_rows
+
+
+def selected_count(t: int, update_ratio: float) -> int:
+    """Tokens recomputed per layer on a reuse frame: ``max(1, min(int(T·r), T))``."""
+    return max(1, min(int(t * update_ratio), t))
+
+
+def _attend(attn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Multi-head attention of ``q [B,Tq,C]`` over ``k, v [B,T,C]`` with ``attn``'s heads,
+    the same op sequence as :class:`streamgraph.models.vlm.SiglipAttention`; returns the
+    output after ``out_proj`` ``[B,Tq,C]``."""
+    b, tq, c = q.shape
+    t = k.shape[1]
+    h, d = attn.num_heads, attn.head_dim
+    q = q.view(b, tq, h, d).transpose(1, 2)
+    k = k.view(b, t, h, d).transpose(1, 2)
+    v = v.view(b, t, h, d).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (d ** -0.5)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = torch.matmul(probs, v).transpose(1, 2).reshape(b, tq, c)
+    return attn.out_proj(out)
+
+
+class RefreshVisionEncoder(nn.Module):
+    """Refresh engine: ``pixel_values [B,3,H,W]`` -> ``visual_tokens [B,N,C]``,
+    ``encoder_refs [L,4,B,T,Cv]`` (see the module docstring)."""
+
+    def __init__(self, vision_tower, projector):
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.multi_modal_projector = projector
+
+    def forward(self, pixel_values: Tensor):
+        x = self.vision_tower.embeddings(pixel_values)
+        refs = []
+        for layer in self.vision_tower.encoder.layers:
+            attn = layer.self_attn
+            x1 = layer.layer_norm1(x)
+            q, k, v = attn.q_proj(x1), attn.k_proj(x1), attn.v_proj(x1)
+            a = _attend(attn, q, k, v)
+            x = x + a
+            m = layer.mlp(layer.layer_norm2(x))
+            x = x + m
+            refs.append(torch.stack([k, v, a, m]))
+        return self.multi_modal_projector(x), torch.stack(refs)
+
+
+class ReuseVisionEncoder(nn.Module):
+    """Reuse engine: ``pixel_values [B,3,H,W]``, ``encoder_refs [L,4,B,T,Cv]`` ->
+    ``visual_tokens [B,N,C]``, recomputing ``selected_count(T, update_ratio)`` tokens per layer.
+
+    Raises ValueError for ``update_ratio`` outside (0, 1]."""
+
+    def __init__(self, vision_tower, projector, update_ratio: float = 0.25):
+        super().__init__()
+        if not 0.0 < update_ratio <= 1.0:
+            raise ValueError(f"update_ratio must be in (0, 1], got {update_ratio}")
+        self.vision_tower = vision_tower
+        self.multi_modal_projector = projector
+        self.update_ratio = float(update_ratio)
+
+    def forward(self, pixel_values: Tensor, encoder_refs: Tensor):
+        x = self.vision_tower.embeddings(pixel_values)
+        b, t, c = x.shape
+        n = selected_count(t, self.update_ratio)
+        for li, layer in enumerate(self.vision_tower.encoder.layers):
+            attn = layer.self_attn
+            k_ref, v_ref, a_ref, m_ref = encoder_refs[li, 0], encoder_refs[li, 1], encoder_refs[li, 2], encoder_refs[li, 3]
+            x1 = layer.layer_norm1(x)
+            k = attn.k_proj(x1)
+            score = cosine(k, k_ref)                                                 # [B, T]
+            idx = torch.topk(score, n, dim=-1, largest=False).indices                # [B, n]
+            rows = idx[..., None].expand(b, n, c)
+            x1s = gather_rows(x1, idx)
+            v = v_ref.scatter(1, rows, attn.v_proj(x1s))
+            a = a_ref.scatter(1, rows, _attend(attn, attn.q_proj(x1s), k, v))
+            x = x + a
+            m = m_ref.scatter(1, rows, layer.mlp(layer.layer_norm2(gather_rows(x, idx))))
+            x = x + m
+        return self.multi_modal_projector(x)
