@@ -239,10 +239,10 @@ def test_top_level_not_mapping():
 
 def test_unknown_op():
     err = parse_error(edit("op: topk_saliency", "op: topk"))
-    assert_at(err, 7, 17, "nodes.pruner.op", "unknown op 'topk' (allowed: decoder, full, none, "
-              "sink_window, topk_saliency, vision_encoder)")
+    assert_at(err, 7, 17, "nodes.pruner.op", "unknown op 'topk' (allowed: carrier, decoder, full, "
+              "none, rekv, sink_window, streaming_vlm, topk_saliency, vision_encoder)")
     err = parse_error(edit("op: vision_encoder", "op: [vision_encoder]"))
-    assert_at(err, 6, 17, "nodes.encoder.op", "unknown op a list (allowed: decoder")
+    assert_at(err, 6, 17, "nodes.encoder.op", "unknown op a list (allowed: carrier, decoder")
 
 
 def test_unknown_field():
@@ -346,7 +346,7 @@ def test_node_problems():
     assert_at(err, 6, 12, "nodes.encoder", "expected a mapping with an 'op' key",
               "got string 'vision_encoder'")
     err = parse_error(edit("{op: vision_encoder}", "{input: frames}"))
-    assert_at(err, 6, 12, "nodes.encoder.op", "field required (allowed ops: decoder")
+    assert_at(err, 6, 12, "nodes.encoder.op", "field required (allowed ops: carrier, decoder")
     err = parse_error(edit("nodes:\n", "nodes: 3\nx:\n"))
     assert_at(err, 5, 8, "nodes", "expected a mapping, got integer 3")
 

@@ -63,7 +63,8 @@ def check_graph(path: str | Path, build_weights: bool = True) -> CheckedGraph:
         plan = make_plan(cfg=cfg, reducer=reducer, tokens_per_frame=pipeline.tokens_per_frame, cache=cache,
                          prefill_chunk_tokens=dec.prefill_chunk_tokens, max_new_tokens=dec.max_new_tokens,
                          budget_mb=spec.budget.memory_mb,
-                         engine_weight_bytes=engine_weight_bytes(model, reducer_module))
+                         engine_weight_bytes=engine_weight_bytes(model, reducer_module),
+                         fps=float(spec.stream.fps))
     except PlanError as e:
         line, col = spec.locate(("budget", "memory_mb")) or (None, None)
         raise SpecError(str(e), file=spec.source_file, line=line, col=col, field="budget.memory_mb") from None
