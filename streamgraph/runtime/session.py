@@ -55,7 +55,8 @@ class Session:
         if self.kv.nbytes != self.plan.kv.bytes:
             raise AssertionError(f"KV buffer {self.kv.nbytes} B != plan {self.plan.kv.bytes} B")
         cache = self.plan.cache
-        self.policy: CachePolicy = make_policy(cache["op"], cache["params"])
+        self.policy: CachePolicy = make_policy(cache["op"], cache["params"], self.plan)
+        self.policy.attach(self.kv)
         self.trace_enabled = trace
         self.trace: list[dict] = []
         self.frames: list[FrameRecord] = []
@@ -83,7 +84,7 @@ class Session:
         """Run one chunk ``embeds [1,T,C]`` (first ``n_valid`` valid) and write its KV.
         Returns ``logits [V]`` of the last valid token."""
         t = embeds.shape[1]
-        step = self.policy.plan_step(t, n_valid, offsets)
+        step = self.policy.plan_step(t, n_valid, offsets, kind=kind)
         valid = np.zeros((1, t), dtype=bool)
         valid[0, :n_valid] = True
         out = self.backend.run("decoder_step", {
@@ -91,7 +92,7 @@ class Session:
             "kv_cache": self.kv.data, "cache_positions": step.cache_positions[None],
             "cache_valid": step.cache_valid[None]})
         self.kv.write(out["new_kv"], step.write_slots)
-        self.policy.commit(step)
+        self.policy.commit(step, out)
         logits = out["logits"][0]
         if self.trace_enabled:
             self.trace.append({"kind": kind, "logits": logits.copy(), "inputs_embeds": embeds.copy(),
@@ -175,7 +176,8 @@ class Session:
             t3 = time.perf_counter()
             stage_s["reduce"] = t3 - t2
             t2 = t3
-        self._decoder_step(tokens, n_valid, "frame", offsets)
+        chunk, n_chunk, offsets = self.policy.prepare_frame(tokens, n_valid, offsets)
+        self._decoder_step(chunk, n_chunk, "frame", offsets)
         stage_s["prefill"] = time.perf_counter() - t2
         return stage_s, n_valid
 
@@ -198,6 +200,7 @@ class Session:
         self._answer_open = True
         self._answer_ids: list[int] = []
         t0 = time.perf_counter()
+        self.policy.prepare_question(lambda: self._prefill_text(question, "retrieval"))
         logits = self._prefill_ids(ids, "question")
         token = int(np.argmax(logits))
         dt = time.perf_counter() - t0
