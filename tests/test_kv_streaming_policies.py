@@ -549,6 +549,15 @@ def test_plan_regions_match_policies_and_inspect(tmp_path, capsys):
     car = check_graph(write_graph(tmp_path, name="car", k=64, chunk=32,
                                   cache=cases["carrier"][0])).plan
     assert car.chunk_max == 65 and car.engines["decoder_step"].dims["T"] == [1, 65]
+    # a window in seconds needs the stream's fps
+    from streamgraph.compiler.ops import CacheContext, ShapeError
+    from streamgraph.compiler.plan import cache_layout
+    with pytest.raises(ShapeError, match="needs the stream's fps > 0"):
+        cache_layout("streaming_vlm", {"vision_window_seconds": 4.0}, CacheContext(16, 0.0, 32, 6), svlm_cfg(tmp_path))
+
+
+def svlm_cfg(tmp_path):
+    return check_graph(write_graph(tmp_path, name="cfg")).cfg
 
 
 @pytest.mark.parametrize("cache,field,fragment", [

@@ -344,9 +344,13 @@ class StreamingVLMNode(NodeBase):
         return self
 
     def window_frames(self, fps: float) -> int:
-        """Frames in the vision window (>= 1)."""
+        """Frames in the vision window (>= 1) at ``fps`` frames per second. Raises
+        ShapeError when the window is in seconds and ``fps`` is not > 0."""
         if self.vision_window_frames is not None:
             return self.vision_window_frames
+        if not fps > 0:
+            raise ShapeError("vision_window_seconds", f"a vision window in seconds needs the "
+                             f"stream's fps > 0, got {fps}")
         seconds = 16.0 if self.vision_window_seconds is None else self.vision_window_seconds
         return max(1, math.ceil(seconds * fps - 1e-9))
 
