@@ -31,7 +31,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from streamgraph.compiler.compile import check_graph
-from streamgraph.errors import CapacityError, GraphError
+from streamgraph.errors import CapacityError
 from streamgraph.models.build import load_model
 from streamgraph.models.config import VLMConfig
 from streamgraph.runtime.kv import (CarrierCache, FullCache, KVBuffer, RekvCache, SinkWindowCache,

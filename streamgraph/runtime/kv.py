@@ -31,7 +31,6 @@ continue) and ``"retrieval"`` (a question pass run only to score blocks, see
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -313,7 +312,7 @@ class StreamingVLMCache(CachePolicy):
                 base = self.vision0 + (self.frame_count % self.frames) * self.k
                 write = base + np.arange(n_valid, dtype=np.int64)
                 hidden = np.arange(base, base + self.k, dtype=np.int64)
-        else:
+        else:                                      # every other kind is text (TEXT_KINDS)
             if n_valid > self.text_window:
                 raise CapacityError(f"text chunk of {n_valid} tokens does not fit the streaming_vlm "
                                     f"text window of {self.text_window} tokens")
