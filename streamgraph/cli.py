@@ -79,6 +79,16 @@ def _print_plan(bundle, console) -> None:
     c = plan.cache
     console.print(f"cache policy: {c['op']} {c['params']} — {c['capacity']} slots; "
                   f"kv_cache{plan.kv.shape} {plan.kv.dtype} = {plan.kv.bytes:,} bytes")
+    if c.get("regions"):
+        r = Table(title=f"KV buffer regions ({c['op']})")
+        for col in ("region", "slots", "range", "bytes"):
+            r.add_column(col, justify="left" if col == "region" else "right")
+        for reg in c["regions"]:
+            r.add_row(reg["name"], str(reg["slots"]), f"[{reg['start']}, {reg['start'] + reg['slots']})",
+                      f"{reg['bytes']:,}")
+        if c.get("host_bytes"):
+            r.add_row("host store (RAM)", "-", "-", f"{c['host_bytes']:,}")
+        console.print(r)
 
 
 def cmd_inspect(args) -> int:

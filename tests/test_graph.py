@@ -147,7 +147,8 @@ def test_port_type_mismatch():
     assert_at(err, 8, 40, "nodes.encoder.input", "produces Text", "needs Frames")
     err = graph_error(edit("cache: cache,", "cache: pruner,"))
     assert_at(err, 11, 57, "nodes.llm.cache", "'pruner' (topk_saliency node) produces "
-              "VisualTokens, but decoder needs CachePolicy (a full or sink_window node)")
+              "VisualTokens, but decoder needs CachePolicy (a carrier, full, rekv, sink_window or "
+              "streaming_vlm node)")
     err = graph_error(edit("[pruner, query]", "[pruner, cache]"))
     assert_at(err, 11, 42, "nodes.llm.input[1]", "'cache' (sink_window node) produces "
               "CachePolicy", "'input' takes one VisualTokens")
@@ -220,6 +221,24 @@ def budgets():
 
 
 @st.composite
+def new_cache_nodes(draw, op):
+    """streaming_vlm / rekv / carrier nodes with small, sometimes impossible, sizes."""
+    small = st.integers(1, 120)
+    if op == "streaming_vlm":
+        body = {"op": op, "sink_tokens": draw(st.integers(0, 8)), "text_window_tokens": draw(small)}
+        if draw(st.booleans()):
+            body["vision_window_frames"] = draw(st.integers(1, 4))
+        else:
+            body["vision_window_seconds"] = draw(st.sampled_from([0.5, 1.0, 2.5]))
+        return body
+    if op == "rekv":
+        return {"op": op, "init_tokens": draw(st.integers(0, 8)), "local_tokens": draw(st.integers(1, 300)),
+                "topk": draw(st.integers(1, 4)), "question_tokens": draw(st.integers(1, 64))}
+    return {"op": op, "sink_tokens": draw(st.integers(1, 8)), "carriers": draw(st.integers(2, 8)),
+            "question_tokens": draw(st.integers(1, 64))}
+
+
+@st.composite
 def node_dicts(draw):
     nodes = {}
     for name in draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=5)):
@@ -236,6 +255,8 @@ def node_dicts(draw):
         elif op == "sink_window":
             body = {"op": op, "sink_tokens": draw(st.integers(0, 8)),
                     "window_tokens": draw(st.integers(1, 200))}
+        elif op in ("streaming_vlm", "rekv", "carrier"):
+            body = draw(new_cache_nodes(op))
         else:
             body = {"op": op, "input": draw(st.lists(ref, max_size=3)), "cache": draw(ref),
                     "prefill_chunk_tokens": draw(st.integers(1, 100))}
@@ -260,7 +281,8 @@ def near_valid_node_dicts(draw):
     nodes[cache] = draw(st.sampled_from([
         {"op": "full", "capacity_tokens": draw(st.integers(1, 200))},
         {"op": "sink_window", "sink_tokens": draw(st.integers(0, 8)),
-         "window_tokens": draw(st.integers(1, 200))}]))
+         "window_tokens": draw(st.integers(1, 200))},
+        draw(new_cache_nodes(draw(st.sampled_from(["streaming_vlm", "rekv", "carrier"]))))]))
     nodes[dec] = {"op": "decoder", "input": draw(st.permutations([prev, "query"])),
                   "cache": cache, "prefill_chunk_tokens": draw(st.integers(1, 100))}
     for _ in range(draw(st.integers(0, 2))):

@@ -58,10 +58,10 @@ def test_decoder_prefill_and_decode_match_qwen2():
     got = []
     for a, b in [(0, 15)] + [(i, i + 1) for i in range(15, 23)]:
         plan = pol.plan_step(b - a, b - a)
-        logits, new_kv, _ = step(emb[:, a:b], torch.from_numpy(plan.positions[None]),
-                                 torch.ones(1, b - a, dtype=torch.bool), torch.from_numpy(kv.data),
-                                 torch.from_numpy(plan.cache_positions[None]),
-                                 torch.from_numpy(plan.cache_valid[None]))
+        logits, new_kv = step(emb[:, a:b], torch.from_numpy(plan.positions[None]),
+                              torch.ones(1, b - a, dtype=torch.bool), torch.from_numpy(kv.data),
+                              torch.from_numpy(plan.cache_positions[None]),
+                              torch.from_numpy(plan.cache_valid[None]))[:2]
         kv.write(new_kv.numpy(), plan.write_slots)
         pol.commit(plan)
         got.append((b - 1, logits[0]))

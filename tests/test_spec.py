@@ -242,7 +242,7 @@ def test_unknown_op():
     assert_at(err, 7, 17, "nodes.pruner.op", f"unknown op 'topk' (allowed: {', '.join(ops.op_names())})")
     assert {"decoder", "full", "none", "sink_window", "topk_saliency", "vision_encoder"} <= set(ops.op_names())
     err = parse_error(edit("op: vision_encoder", "op: [vision_encoder]"))
-    assert_at(err, 6, 17, "nodes.encoder.op", "unknown op a list (allowed: decoder")
+    assert_at(err, 6, 17, "nodes.encoder.op", "unknown op a list (allowed: carrier, decoder")
 
 
 def test_unknown_field():
@@ -349,7 +349,7 @@ def test_node_problems():
     assert_at(err, 6, 12, "nodes.encoder", "expected a mapping with an 'op' key",
               "got string 'vision_encoder'")
     err = parse_error(edit("{op: vision_encoder}", "{input: frames}"))
-    assert_at(err, 6, 12, "nodes.encoder.op", "field required (allowed ops: decoder")
+    assert_at(err, 6, 12, "nodes.encoder.op", "field required (allowed ops: carrier, decoder")
     err = parse_error(edit("nodes:\n", "nodes: 3\nx:\n"))
     assert_at(err, 5, 8, "nodes", "expected a mapping, got integer 3")
 

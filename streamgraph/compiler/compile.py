@@ -76,7 +76,8 @@ def check_graph(path: str | Path, build_weights: bool = True) -> CheckedGraph:
                          budget_mb=spec.budget.memory_mb,
                          engine_weight_bytes=engine_weight_bytes(model, reducer, budgets, encoder),
                          budgets=budgets, reducer_io=reducer_io, encoder=encoder,
-                         max_frame_tokens=pipeline.max_frame_tokens)
+                         max_frame_tokens=pipeline.max_frame_tokens,
+                         fps=float(spec.stream.fps))
     except PlanError as e:
         line, col = spec.locate(("budget", "memory_mb")) or (None, None)
         raise SpecError(str(e), file=spec.source_file, line=line, col=col, field="budget.memory_mb") from None

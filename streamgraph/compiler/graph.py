@@ -26,8 +26,8 @@ from typing import Any
 
 import networkx as nx
 
-from streamgraph.compiler.ops import (OPS, SOURCES, OpInfo, PortType, ShapeContext,
-                                      ShapeError, TokenShape, producers)
+from streamgraph.compiler.ops import (OPS, SOURCES, CacheContext, OpInfo, PortType,
+                                      ShapeContext, ShapeError, TokenShape, producers)
 from streamgraph.compiler.spec import GraphSpec
 from streamgraph.errors import GraphError
 
@@ -122,8 +122,16 @@ def build_graph(spec: GraphSpec, *, encoder_tokens: int, hidden_size: int) -> Pi
 
     cache_node, dec_node = spec.nodes[cache], spec.nodes[decoder]
     cache_info = OPS[cache_node.op]
-    assert cache_info.capacity is not None, f"op {cache_node.op!r} has no capacity rule"
-    capacity = cache_info.capacity(cache_node)
+    if cache_info.regions is not None:
+        ctx_cache = CacheContext(frame_tokens, float(spec.stream.fps),
+                                 dec_node.prefill_chunk_tokens, dec_node.max_new_tokens)
+        try:
+            capacity = sum(cache_info.regions(cache_node, ctx_cache).values())
+        except ShapeError as exc:
+            raise checker.error(cache, exc.field, exc.message) from None
+    else:
+        assert cache_info.capacity is not None, f"op {cache_node.op!r} has no capacity rule"
+        capacity = cache_info.capacity(cache_node)
     if capacity < frame_tokens + 1:
         raise checker.error(cache, None,
                             f"KV-cache capacity of {capacity} slots is less than "

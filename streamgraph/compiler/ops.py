@@ -28,17 +28,19 @@ This module never imports torch.
 from __future__ import annotations
 
 import enum
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 
 __all__ = [
     "PortType", "OpKind", "Port", "TokenShape", "ShapeContext", "ShapeError", "OpInfo",
     "NodeBase", "NodeRef", "TokenBudget", "budget_values", "SOURCES", "OPS", "register", "get_op", "op_names", "producers",
     "VisionEncoderNode", "TopkSaliencyNode", "NoneNode", "FullNode", "SinkWindowNode",
-    "DecoderNode",
+    "DecoderNode", "CacheContext", "cache_regions", "StreamingVLMNode", "RekvNode",
+    "CarrierNode",
 ]
 
 
@@ -88,6 +90,17 @@ class ShapeContext:
 
     encoder_tokens: int  # N: visual tokens per frame the encoder emits
     hidden_size: int  # C: decoder width (after the projector)
+
+
+@dataclass(frozen=True)
+class CacheContext:
+    """Facts a cache policy's region rule needs: K visual tokens per frame (after the
+    reducer), the stream's sampling fps, and the decoder's chunk sizes (tokens)."""
+
+    tokens_per_frame: int
+    fps: float
+    prefill_chunk_tokens: int
+    max_new_tokens: int
 
 
 class ShapeError(Exception):
@@ -172,6 +185,12 @@ class OpInfo:
     - ``frame_tokens(params, input_shape)`` (reducers, optional): the most visual tokens one
       frame can send to the decoder when that is more than the output shape's ``n`` (DTD
       sends a stream's first frame whole); the graph's cache checks use it.
+    - ``regions(params, ctx)`` (cache policies, optional): the policy's fixed-capacity
+      regions of the one KV buffer, ``{name: slots}`` in slot order, for a
+      :class:`CacheContext`; when set, the capacity is their sum. Raises
+      :class:`ShapeError`.
+    - ``frame_extra_tokens`` (cache policies): tokens the policy appends to every frame's
+      chunk (VideoScan's carrier: 1), so the decoder's chunk bound is K + this.
     """
 
     name: str
@@ -183,6 +202,8 @@ class OpInfo:
     capacity: Callable[[Any], int] | None = None
     check_cache: Callable[[Any, int, Any], None] | None = None
     frame_tokens: Callable[[Any, TokenShape], int] | None = None
+    regions: Callable[[Any, CacheContext], dict[str, int]] | None = None
+    frame_extra_tokens: int = 0
 
     @property
     def doc(self) -> str:
@@ -313,7 +334,8 @@ class FullNode(NodeBase):
 
 
 register(OpInfo("full", "cache", FullNode, output=PortType.CACHE_POLICY,
-                capacity=lambda p: p.capacity_tokens))
+                capacity=lambda p: p.capacity_tokens,
+                regions=lambda p, ctx: {"cache": p.capacity_tokens}))
 
 
 class SinkWindowNode(NodeBase):
@@ -340,7 +362,187 @@ def _check_sink_window(params: SinkWindowNode, tokens_per_frame: int,
 
 register(OpInfo("sink_window", "cache", SinkWindowNode, output=PortType.CACHE_POLICY,
                 capacity=lambda p: p.sink_tokens + p.window_tokens,
-                check_cache=_check_sink_window))
+                check_cache=_check_sink_window,
+                regions=lambda p, ctx: {"sink": p.sink_tokens, "window": p.window_tokens}))
+
+
+class StreamingVLMNode(NodeBase):
+    """StreamingVLM KV-cache policy: an attention sink of the first `sink_tokens` text
+    tokens, a long window of the most recent `text_window_tokens` text tokens and a short
+    window of the most recent vision frames; positions are re-assigned contiguously over
+    what is retained ("shrink" mode). Capacity = sink + text window + frames x K.
+
+    Source: Xu et al., "StreamingVLM" (2025), mit-han-lab/streaming-vlm
+    `streaming_vlm/inference/inference.py` (techniques.md section 2)."""
+
+    op: Literal["streaming_vlm"]
+    sink_tokens: int = Field(512, ge=0)
+    """Text attention-sink slots: the first text tokens of the stream (system prompt, then
+    the first question/answer tokens), kept forever (StreamingVLM text_sink = 512)."""
+    text_window_tokens: int = Field(512, ge=1)
+    """Slots of the long text window: the most recent text tokens after the sink
+    (StreamingVLM text_sliding_window = 512)."""
+    vision_window_frames: int | None = Field(None, ge=1)
+    """Short vision window in frames (each frame takes K slots). At most one of
+    `vision_window_frames` / `vision_window_seconds`."""
+    vision_window_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """Short vision window in seconds of stream, turned into ceil(seconds x stream.fps)
+    frames; default 16 (StreamingVLM window_size = 16 one-second chunks) when neither is
+    given."""
+
+    @model_validator(mode="after")
+    def _one_window(self) -> "StreamingVLMNode":
+        if self.vision_window_frames is not None and self.vision_window_seconds is not None:
+            raise ValueError("give at most one of 'vision_window_frames' or "
+                             "'vision_window_seconds', got both")
+        return self
+
+    def window_frames(self, fps: float) -> int:
+        """Frames in the vision window (>= 1) at ``fps`` frames per second. Raises
+        ShapeError when the window is in seconds and ``fps`` is not > 0."""
+        if self.vision_window_frames is not None:
+            return self.vision_window_frames
+        if not fps > 0:
+            raise ShapeError("vision_window_seconds", f"a vision window in seconds needs the "
+                             f"stream's fps > 0, got {fps}")
+        seconds = 16.0 if self.vision_window_seconds is None else self.vision_window_seconds
+        return max(1, math.ceil(seconds * fps - 1e-9))
+
+
+def _streaming_vlm_regions(p: StreamingVLMNode, ctx: CacheContext) -> dict[str, int]:
+    if p.text_window_tokens < ctx.prefill_chunk_tokens:
+        raise ShapeError("text_window_tokens",
+                         f"text_window_tokens {p.text_window_tokens} must be >= the decoder's "
+                         f"prefill_chunk_tokens {ctx.prefill_chunk_tokens} so that a text "
+                         f"chunk fits in the text window")
+    return {"sink": p.sink_tokens, "text_window": p.text_window_tokens,
+            "vision_window": p.window_frames(ctx.fps) * ctx.tokens_per_frame}
+
+
+register(OpInfo("streaming_vlm", "cache", StreamingVLMNode, output=PortType.CACHE_POLICY,
+                regions=_streaming_vlm_regions))
+
+
+class RekvNode(NodeBase):
+    """ReKV KV-cache policy: stream over [init | local window]; every frame's KV is a block
+    (block_tokens tokens, default K: one block per frame) with its mean key per layer;
+    blocks leaving the local window are offloaded to a host block store (RAM up to a cap,
+    then disk). A question retrieves, per layer, the top-k blocks by dot product of block
+    mean keys with the question's mean query and answers over [init | retrieved |
+    question]. Capacity = init + local + topk x block_tokens + question.
+
+    Source: Di et al., "Streaming Video Question-Answering with In-context Video KV-Cache
+    Retrieval" (ICLR 2025), Becomebright/ReKV `model/attention/kv_cache_manager.py`
+    (techniques.md section 5)."""
+
+    op: Literal["rekv"]
+    init_tokens: int = Field(128, ge=0)
+    """Init slots (ReKV n_init): the system-prompt tokens at the start of the stream, kept
+    forever; prompt tokens beyond them go to the local window."""
+    local_tokens: int = Field(2048, ge=1)
+    """Local window (ReKV n_local): most recent stream tokens attended while encoding
+    frames. Must be >= block_tokens + the largest chunk, so a block is complete before its
+    first token leaves the window."""
+    topk: int = Field(64, ge=1)
+    """Blocks retrieved per layer for a question (ReKV retrieve_size = 64)."""
+    block_tokens: int | None = Field(None, ge=1)
+    """Tokens per block (ReKV block_size); default K, one block per frame."""
+    question_tokens: int = Field(256, ge=1)
+    """Slots for the question prompt plus the answer (discarded after the answer)."""
+    store_blocks: int | None = Field(None, ge=1)
+    """Blocks the host block store keeps in RAM; older blocks spill to disk. At most one
+    of `store_blocks` / `store_mb`; default 1024 blocks."""
+    store_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    """RAM cap of the host block store in MiB (payload + mean keys); older blocks spill to
+    disk."""
+
+    @model_validator(mode="after")
+    def _one_cap(self) -> "RekvNode":
+        if self.store_blocks is not None and self.store_mb is not None:
+            raise ValueError("give at most one of 'store_blocks' or 'store_mb', got both")
+        return self
+
+    def block_size(self, tokens_per_frame: int) -> int:
+        """Tokens per block (``block_tokens`` or K)."""
+        return self.block_tokens if self.block_tokens is not None else tokens_per_frame
+
+    def store_cap_blocks(self, block_bytes: int) -> int:
+        """RAM cap of the block store in blocks, for blocks of ``block_bytes`` bytes
+        (payload + mean key). Raises ShapeError when ``store_mb`` holds no block."""
+        if self.store_mb is None:
+            return self.store_blocks if self.store_blocks is not None else 1024
+        n = int(self.store_mb * 1024 * 1024) // block_bytes
+        if n < 1:
+            raise ShapeError("store_mb", f"store_mb {self.store_mb:g} is less than one block "
+                             f"({block_bytes} bytes)")
+        return n
+
+
+def _rekv_regions(p: RekvNode, ctx: CacheContext) -> dict[str, int]:
+    bt = p.block_size(ctx.tokens_per_frame)
+    chunk = max(ctx.tokens_per_frame, ctx.prefill_chunk_tokens)
+    if p.local_tokens < bt + chunk:
+        raise ShapeError("local_tokens",
+                         f"local_tokens {p.local_tokens} must be >= {bt + chunk} = block_tokens "
+                         f"{bt} + the largest chunk {chunk}, so a block is complete before its "
+                         f"first token leaves the local window")
+    if p.question_tokens < ctx.max_new_tokens + 1:
+        raise ShapeError("question_tokens",
+                         f"question_tokens {p.question_tokens} must be > the decoder's "
+                         f"max_new_tokens {ctx.max_new_tokens} (question prompt + answer)")
+    return {"init": p.init_tokens, "local": p.local_tokens, "retrieved": p.topk * bt,
+            "question": p.question_tokens}
+
+
+register(OpInfo("rekv", "cache", RekvNode, output=PortType.CACHE_POLICY,
+                regions=_rekv_regions))
+
+
+class CarrierNode(NodeBase):
+    """VideoScan KV-cache policy: each frame is prefilled with one carrier token (the mean
+    of its visual tokens) appended; only the carrier's KV is kept, in a carrier memory of
+    `carriers` slots; when it is full, the earlier carrier of the most similar adjacent
+    pair (cosine of carrier embeddings) is dropped. Positions are fixed at insertion
+    (cache length). Capacity = sink + carriers + question.
+
+    Source: Li et al., "VideoScan" (2025), LyliAgave/VideoScan `llava/model/llava_arch.py`
+    (`prepare_inputs_wo_last_frame`, MAX_MEMORY_LIMIT = 64) and `llava/video_streamer.py`
+    (techniques.md section 8)."""
+
+    op: Literal["carrier"]
+    sink_tokens: int = Field(128, ge=1)
+    """Slots for the system prompt at the start of the stream, kept forever."""
+    carriers: int = Field(64, ge=2)
+    """Carrier memory in slots (VideoScan MAX_MEMORY_LIMIT = 64): after each frame at most
+    `carriers - 1` carriers remain."""
+    question_tokens: int = Field(256, ge=1)
+    """Slots for the question prompt plus the answer (discarded after the answer)."""
+
+
+def _carrier_regions(p: CarrierNode, ctx: CacheContext) -> dict[str, int]:
+    if p.question_tokens < ctx.max_new_tokens + 1:
+        raise ShapeError("question_tokens",
+                         f"question_tokens {p.question_tokens} must be > the decoder's "
+                         f"max_new_tokens {ctx.max_new_tokens} (question prompt + answer)")
+    return {"sink": p.sink_tokens, "carriers": p.carriers, "question": p.question_tokens}
+
+
+register(OpInfo("carrier", "cache", CarrierNode, output=PortType.CACHE_POLICY,
+                regions=_carrier_regions, frame_extra_tokens=1))
+
+
+def cache_regions(op: str, params: dict, ctx: CacheContext) -> dict[str, int]:
+    """Regions ``{name: slots}`` (in slot order) of cache op ``op`` with ``params`` (a
+    node's fields without ``op``/``input``). Raises KeyError for a non-cache op and
+    :class:`ShapeError` for params that cannot work in ``ctx``."""
+    info = OPS[op]
+    if info.kind != "cache":
+        raise KeyError(f"not a cache policy op: {op!r}")
+    node = info.params.model_validate({"op": op, **params})
+    if info.regions is not None:
+        return info.regions(node, ctx)
+    assert info.capacity is not None, f"op {op!r} has neither regions nor capacity"
+    return {"cache": info.capacity(node)}
 
 
 # --------------------------------------------------------------------------- decoder

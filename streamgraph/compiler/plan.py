@@ -69,11 +69,15 @@ class MemoryPlan:
     io_bytes: int
     total_bytes: int
     budget_bytes: int
+    host_bytes: int = 0          # host RAM of the cache policy (ReKV block store, carriers)
 
     def table(self) -> list[tuple[str, int]]:
-        return [("weights", self.weights_bytes), ("kv_cache", self.kv_cache_bytes),
+        rows = [("weights", self.weights_bytes), ("kv_cache", self.kv_cache_bytes),
                 ("activations (est.)", self.activations_bytes), ("engine I/O", self.io_bytes),
                 ("total", self.total_bytes), ("budget", self.budget_bytes)]
+        if self.host_bytes:
+            rows.append(("host cache store (not in total)", self.host_bytes))
+        return rows
 
 
 @dataclass
@@ -87,7 +91,7 @@ class Plan:
     hidden_size: int                      # C
     vocab_size: int
     reducer: dict | None                  # {"op", "params", "state", "first_frame_full"} or None
-    cache: dict                           # {"op", "params", "capacity"}
+    cache: dict                           # {"op", "params", "capacity", "regions", "host_bytes", ...}
     chunk_max: int                        # largest prefill chunk T
     prefill_chunk_tokens: int
     max_new_tokens: int
@@ -135,6 +139,40 @@ def cache_capacity(op: str, params: dict) -> int:
     raise KeyError(f"not a cache policy op: {op!r}")
 
 
+def cache_layout(op: str, params: dict, ctx, cfg, batch: int = 1, dtype: str = "float32") -> dict:
+    """The cache policy's part of the plan: ``capacity`` (slots S), ``regions`` (list of
+    ``{"name", "start", "slots", "bytes"}`` in slot order; bytes of the KV buffer each region
+    takes), ``host_bytes`` (host RAM the policy keeps outside the buffer: the ReKV block
+    store's RAM tier, VideoScan's carrier embeddings) and policy facts the runtime needs
+    (``tokens_per_frame``, ``frame_extra_tokens``; ReKV: ``block_tokens``, ``store_blocks``,
+    ``block_bytes``, ``key_bytes``).
+
+    ``ctx`` is a :class:`~streamgraph.compiler.ops.CacheContext`, ``cfg`` the model config.
+    Raises :class:`~streamgraph.compiler.ops.ShapeError` for params that do not work."""
+    from streamgraph.compiler.ops import OPS, cache_regions
+
+    x = cfg.text
+    slot_bytes = x.num_hidden_layers * 2 * batch * x.num_key_value_heads * x.head_dim * DTYPE_BYTES[dtype]
+    sizes = cache_regions(op, params, ctx)
+    regions, start = [], 0
+    for name, n in sizes.items():
+        regions.append({"name": name, "start": start, "slots": int(n), "bytes": int(n) * slot_bytes})
+        start += int(n)
+    out = {"capacity": start, "regions": regions, "host_bytes": 0,
+           "tokens_per_frame": ctx.tokens_per_frame, "frame_extra_tokens": OPS[op].frame_extra_tokens}
+    if op == "rekv":
+        node = OPS[op].params.model_validate({"op": op, **params})
+        bt = node.block_size(ctx.tokens_per_frame)
+        block_bytes = x.num_hidden_layers * 2 * x.num_key_value_heads * bt * x.head_dim * DTYPE_BYTES[dtype]
+        key_bytes = x.num_hidden_layers * x.num_key_value_heads * x.head_dim * 4
+        n = node.store_cap_blocks(block_bytes + key_bytes)
+        out.update(block_tokens=bt, store_blocks=n, block_bytes=block_bytes, key_bytes=key_bytes,
+                   host_bytes=n * (block_bytes + key_bytes))
+    elif op == "carrier":
+        out["host_bytes"] = int(params["carriers"]) * x.hidden_size * 4
+    return out
+
+
 def _vision_activation_bytes(cfg, b: int) -> int:
     v = cfg.vision
     n = v.num_patches
@@ -161,7 +199,8 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
               engine_weight_bytes: dict[str, int], batch: int = 1, dtype: str = "float32",
               budgets: list[int] | None = None,
               reducer_io: dict[int, tuple[list[TensorSpec], list[TensorSpec]]] | None = None,
-              encoder: dict | None = None, max_frame_tokens: int | None = None) -> Plan:
+              encoder: dict | None = None, max_frame_tokens: int | None = None,
+              fps: float = 0.0) -> Plan:
     """Plan shapes and memory.
 
     ``cfg`` is a :class:`~streamgraph.models.config.VLMConfig`; ``reducer``/``cache`` are
@@ -171,14 +210,24 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
     -> ``tokens, keep_mask, source_index``). ``encoder`` is ``{"op": "stc_cacher", "params"}``
     for encoder reuse (adds output ``encoder_refs [Lv,4,B,N,Cv]`` to ``vision_encoder`` and the
     engine ``vision_encoder_reuse``). ``max_frame_tokens`` (default K) bounds the prefill chunk
-    when a reducer can send a frame whole. Raises :class:`PlanError` when the total exceeds
+    when a reducer can send a frame whole. ``fps`` is the stream's sampling fps (cache
+    windows given in seconds). Raises :class:`PlanError` when the total exceeds
     ``budget_mb`` MiB, naming every part.
     """
+    from streamgraph.compiler.ops import CacheContext, ShapeError
+
     v, x = cfg.vision, cfg.text
     b, n, k, c = batch, v.num_patches, tokens_per_frame, x.hidden_size
     budgets = sorted(budgets) if budgets else [k]
-    cap = cache_capacity(cache["op"], cache["params"])
-    t_max = max(max(k, max_frame_tokens or 0), prefill_chunk_tokens)
+    try:
+        layout = cache_layout(cache["op"], cache["params"],
+                              CacheContext(max(k, max_frame_tokens or 0), float(fps), prefill_chunk_tokens,
+                                           max_new_tokens),
+                              cfg, b, dtype)
+    except ShapeError as e:
+        raise PlanError(f"cache {cache['op']}: {e.field}: {e.message}") from None
+    cap = layout["capacity"]
+    t_max = max(max(k, max_frame_tokens or 0) + layout["frame_extra_tokens"], prefill_chunk_tokens)
     kv_shape = [x.num_hidden_layers, 2, b, x.num_key_value_heads, cap, x.head_dim]
     kv_bytes = int(np.prod(kv_shape)) * DTYPE_BYTES[dtype]
     h, w = v.image_size
@@ -219,7 +268,8 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
          TensorSpec("cache_positions", i64, [b, cap]), TensorSpec("cache_valid", bl, [b, cap])],
         [TensorSpec("logits", "float32", [b, x.vocab_size]),
          TensorSpec("new_kv", f, [x.num_hidden_layers, 2, b, x.num_key_value_heads, "T", x.head_dim]),
-         TensorSpec("last_hidden", f, [b, c])],
+         TensorSpec("last_hidden", f, [b, c]),
+         TensorSpec("query_mean", "float32", [x.num_hidden_layers, b, x.num_attention_heads, x.head_dim])],
         dims={"T": [1, t_max]}, weights_bytes=engine_weight_bytes.get("decoder_step", 0),
         activations_bytes=_decoder_activation_bytes(cfg, b, t_max, cap))
 
@@ -230,14 +280,14 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
     io = sum(e.io_bytes() for e in engines.values()) - kv_bytes
     total = weights + kv_bytes + acts + io
     budget = int(budget_mb * MiB)
-    memory = MemoryPlan(weights, kv_bytes, acts, io, total, budget)
+    memory = MemoryPlan(weights, kv_bytes, acts, io, total, budget, host_bytes=layout["host_bytes"])
     if total > budget:
         parts = ", ".join(f"{name} {val / MiB:.1f} MiB" for name, val in memory.table()[:4])
         raise PlanError(f"plan needs {total / MiB:.1f} MiB ({parts}) but budget.memory_mb is "
                         f"{budget_mb:g}; raise the budget or shrink the cache/token budget")
     return Plan(
         batch=b, image_size=[h, w], encoder_tokens=n, tokens_per_frame=k, hidden_size=c,
-        vocab_size=x.vocab_size, reducer=reducer, cache={**cache, "capacity": cap},
+        vocab_size=x.vocab_size, reducer=reducer, cache={**cache, **layout},
         chunk_max=t_max, prefill_chunk_tokens=prefill_chunk_tokens, max_new_tokens=max_new_tokens,
         kv=KVPlan(kv_shape, dtype, kv_bytes), engines=engines, memory=memory,
         image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),

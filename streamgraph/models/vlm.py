@@ -226,7 +226,12 @@ class DecoderStep(nn.Module):
       * ``logits [B,V]`` float32 — for the last valid token of the chunk;
       * ``new_kv [L,2,B,Hkv,T,Dh]`` — un-rotated keys and values of the new tokens, to be
         written by the host into the slots its cache policy chose;
-      * ``last_hidden [B,C]`` — final-norm hidden state of the last valid token.
+      * ``last_hidden [B,C]`` — final-norm hidden state of the last valid token;
+      * ``query_mean [L,B,H,Dh]`` float32 — per layer and query head, the mean over the
+        chunk's valid tokens of the query projection **before RoPE** (zeros for a chunk
+        without valid tokens). ReKV scores blocks with it (Becomebright/ReKV
+        ``ContextManager._calc_block_topk``: the raw ``h_q`` of the question averaged over
+        its tokens; techniques.md section 5.3).
 
     Semantics: each new token attends to every valid cache slot and causally to the valid
     tokens of its own chunk (and always to itself, so no softmax row is empty). The last
@@ -261,7 +266,9 @@ class DecoderStep(nn.Module):
         scale = 1.0 / math.sqrt(dh)
 
         h = inputs_embeds
-        new_k, new_v = [], []
+        new_k, new_v, q_means = [], [], []
+        w = token_valid.to(torch.float32)[:, None, :, None]                    # [B, 1, T, 1]
+        n_valid = w.sum(dim=2).clamp(min=1.0)                                  # [B, 1, 1]
         for li, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -270,6 +277,7 @@ class DecoderStep(nn.Module):
             v = attn.v_proj(x).view(b, t, nkv, dh).transpose(1, 2)
             new_k.append(k)
             new_v.append(v)
+            q_means.append((q.float() * w).sum(dim=2) / n_valid)                # [B, H, Dh]
             k_all = torch.cat([apply_rope(kv_cache[li, 0], cos_c, sin_c), apply_rope(k, cos_n, sin_n)], dim=2)
             v_all = torch.cat([kv_cache[li, 1], v], dim=2)
             q = apply_rope(q, cos_n, sin_n)
@@ -287,7 +295,7 @@ class DecoderStep(nn.Module):
         last_hidden = torch.gather(h, 1, gather_idx)[:, 0]                      # [B, C]
         logits = self.lm_head(last_hidden).float()
         new_kv = torch.stack([torch.stack(new_k), torch.stack(new_v)], dim=1)  # [L, 2, B, Hkv, T, Dh]
-        return logits, new_kv, last_hidden
+        return logits, new_kv, last_hidden, torch.stack(q_means)
 
 
 class StreamingVLM(nn.Module):

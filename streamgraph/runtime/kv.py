@@ -10,15 +10,40 @@ policy chooses, as pure index arithmetic:
 * ``cache_positions [S]`` and ``cache_valid [S]`` — RoPE position and visibility of each slot.
 
 Keys are stored un-rotated, so a policy may renumber positions freely.
+
+Every policy divides the buffer's slot axis into fixed-capacity regions (:meth:`CachePolicy
+.regions`; the plan lists them with their bytes). Policies:
+
+=================  =====================================================================
+``full``           every token at its stream position until full, then CapacityError
+``sink_window``    StreamingLLM: sinks + recent window, contiguous positions
+``streaming_vlm``  StreamingVLM: text sink + long text window + short vision window
+``rekv``           ReKV: init + local window; frames offloaded as blocks to a host store;
+                   per-layer top-k block retrieval for questions
+``carrier``        VideoScan: one carrier token per frame in a fixed carrier memory
+=================  =====================================================================
+
+The session tells a policy what each chunk is (``kind``): ``"prefix"`` (system prompt at
+session start), ``"frame"`` (a frame's visual tokens), ``"question"`` (question prompt),
+``"decode"`` (one answer token), ``"resume"`` (end of the answer turn before frames
+continue) and ``"retrieval"`` (a question pass run only to score blocks, see
+:meth:`CachePolicy.prepare_question`).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from streamgraph.errors import CapacityError
+from streamgraph.runtime.offload import BlockStore
+
+#: Chunk kinds that carry text (everything but ``"frame"``).
+TEXT_KINDS = ("prefix", "question", "decode", "resume", "retrieval")
+_NO_SEQ = np.iinfo(np.int64).max
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -85,28 +110,56 @@ class CachePolicy(ABC):
         self.slot_seq = np.full(self.capacity, -1, dtype=np.int64)   # -1 = empty slot
         self.slot_pos = np.zeros(self.capacity, dtype=np.int64)      # stored position (if fixed)
         self.tokens_seen = 0                                          # tokens ever written
+        self.kv: KVBuffer | None = None
 
     @property
     def slots_in_use(self) -> int:
         return int((self.slot_seq >= 0).sum())
 
+    def regions(self) -> dict[str, tuple[int, int]]:
+        """The policy's regions of the slot axis, ``{name: (start, slots)}`` in slot order
+        (the plan's ``cache.regions`` lists the same with their bytes)."""
+        return {"cache": (0, self.capacity)}
+
+    def attach(self, kv: "KVBuffer") -> None:
+        """Give the policy the session's KV buffer, for policies that move KV between regions
+        or to host memory (``rekv``). Raises ValueError when its capacity differs."""
+        if kv.capacity != self.capacity:
+            raise ValueError(f"KV buffer has {kv.capacity} slots, policy {self.name!r} plans {self.capacity}")
+        self.kv = kv
+
     @abstractmethod
-    def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None) -> StepPlan:
+    def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None,
+                  kind: str | None = None) -> StepPlan:
         """Plan a chunk of ``chunk_len`` tokens whose first ``n_valid`` are valid.
 
         ``offsets [n_valid]`` (optional) are position offsets of the valid tokens relative to
         the chunk start, for reducers run with ``positions: keep``; policies that renumber
-        positions contiguously ignore them. Raises :class:`CapacityError` when the chunk
-        cannot be placed.
+        positions contiguously ignore them. ``kind`` says what the chunk is (see the module
+        docstring); ``full`` and ``sink_window`` ignore it. Raises :class:`CapacityError`
+        when the chunk cannot be placed.
         """
 
-    def commit(self, plan: StepPlan) -> None:
-        """Record that the chunk's valid tokens now occupy ``plan.write_slots``."""
+    def commit(self, plan: StepPlan, outputs: dict[str, np.ndarray] | None = None) -> None:
+        """Record that the chunk's valid tokens now occupy ``plan.write_slots`` (call after
+        the step's ``new_kv`` was written). ``outputs`` are the decoder step's outputs
+        (``rekv`` reads ``query_mean`` from them)."""
         for j in range(plan.n_new):
             s = int(plan.write_slots[j])
             self.slot_seq[s] = self.tokens_seen + j
             self.slot_pos[s] = plan.positions[j]
         self.tokens_seen += plan.n_new
+
+    def prepare_frame(self, tokens: np.ndarray, n_valid: int, offsets: np.ndarray | None
+                      ) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """Adjust a frame's chunk before it is planned: ``tokens [1,T,C]`` with ``n_valid``
+        valid tokens first. Default: unchanged. (``carrier`` appends the carrier token.)"""
+        return tokens, n_valid, offsets
+
+    def prepare_question(self, run_retrieval_pass: Callable[[], None]) -> None:
+        """Called before a question's prompt is prefilled. ``run_retrieval_pass()`` prefills
+        the question text once with kind ``"retrieval"`` (its KV is discarded); a policy that
+        retrieves per layer (``rekv``) calls it as often as it needs. Default: nothing."""
 
     def _pad(self, values: np.ndarray, chunk_len: int) -> np.ndarray:
         out = np.full(chunk_len, -1, dtype=np.int64)
@@ -124,7 +177,8 @@ class FullCache(CachePolicy):
         super().__init__(capacity)
         self.next_position = 0
 
-    def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None) -> StepPlan:
+    def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None,
+                  kind: str | None = None) -> StepPlan:
         used = self.tokens_seen
         if used + n_valid > self.capacity:
             raise CapacityError(
@@ -139,7 +193,7 @@ class FullCache(CachePolicy):
             pos[n_valid:] = positions[-1] + 1 if n_valid else self.next_position
         return StepPlan(self._pad(write, chunk_len), pos, self.slot_pos.copy(), self.slot_seq >= 0, n_valid)
 
-    def commit(self, plan: StepPlan) -> None:
+    def commit(self, plan: StepPlan, outputs: dict[str, np.ndarray] | None = None) -> None:
         super().commit(plan)
         if plan.n_new:
             self.next_position = int(plan.positions[plan.n_new - 1]) + 1
@@ -169,7 +223,11 @@ class SinkWindowCache(CachePolicy):
     def _slot_of(self, seq: np.ndarray) -> np.ndarray:
         return np.where(seq < self.sink, seq, self.sink + (seq - self.sink) % self.window)
 
-    def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None) -> StepPlan:
+    def regions(self) -> dict[str, tuple[int, int]]:
+        return {"sink": (0, self.sink), "window": (self.sink, self.window)}
+
+    def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None,
+                  kind: str | None = None) -> StepPlan:
         if n_valid > self.window:
             raise CapacityError(f"chunk of {n_valid} tokens does not fit the sink_window window of "
                                 f"{self.window} tokens")
@@ -185,10 +243,544 @@ class SinkWindowCache(CachePolicy):
         return StepPlan(self._pad(write, chunk_len), pos, cache_pos, visible, n_valid)
 
 
-def make_policy(op: str, params: dict) -> CachePolicy:
-    """Cache policy for a plan's ``cache`` entry. Raises KeyError for an unknown op."""
+
+def _rank_positions(visible: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, int]:
+    """``cache_positions [S]`` giving the visible slots their rank 0..m-1 by ``order``
+    (stream order), and m. Invisible slots get 0 (never attended)."""
+    idx = np.argsort(np.where(visible, order, _NO_SEQ), kind="stable")
+    m = int(visible.sum())
+    pos = np.zeros(len(visible), dtype=np.int64)
+    pos[idx[:m]] = np.arange(m, dtype=np.int64)
+    return pos, m
+
+
+class StreamingVLMCache(CachePolicy):
+    """``streaming_vlm`` — StreamingVLM: attention sink + long text window + short vision
+    window, contiguous re-assigned positions ("shrink" mode).
+
+    Source: Xu et al., "StreamingVLM: Real-Time Understanding for Infinite Video Streams"
+    (2025), mit-han-lab/streaming-vlm ``streaming_vlm/inference/inference.py``
+    (``process_past_kv``, ``pos_mode="shrink"``), techniques.md §2.
+
+    Regions (slots): ``sink [0, s)`` the first ``s`` text tokens of the stream (system
+    prompt, then the first question/answer text), kept forever; ``text_window [s, s+tw)`` a
+    ring over the most recent text tokens after the sink; ``vision_window`` a ring of
+    ``frames`` blocks of K slots, one block per frame. A text chunk of n tokens overwrites
+    the n oldest text-window slots; a frame overwrites the whole block of the oldest frame
+    (whole-frame eviction, like StreamingVLM's dropping of the oldest 1 s video chunk).
+    Overwritten slots are hidden from the chunk itself. Positions are re-assigned every step
+    over what is visible: rank in stream order 0..m-1, the chunk m..m+T-1 — no gaps, start at
+    0, whatever was evicted (StreamingVLM recomputes positions over the retained ids).
+
+    Simplifications vs the reference (documented in docs/kv-policies.md): text is one stream
+    of tokens (the reference keeps 16 assistant rounds verbatim, then moves them into a
+    "previous text" block of sink 512 + window 512 — the same tokens in the same order once
+    the rounds age out); 1-D RoPE positions, not Qwen2.5-VL's 3-D mRoPE.
+
+    Raises :class:`CapacityError` for a text chunk longer than the text window or a frame
+    with more than K valid tokens.
+    """
+
+    name = "streaming_vlm"
+
+    def __init__(self, sink_tokens: int, text_window_tokens: int, vision_window_frames: int,
+                 tokens_per_frame: int):
+        self.sink, self.text_window = int(sink_tokens), int(text_window_tokens)
+        self.frames, self.k = int(vision_window_frames), int(tokens_per_frame)
+        if self.text_window < 1 or self.frames < 1 or self.k < 1 or self.sink < 0:
+            raise ValueError("streaming_vlm needs text_window_tokens, vision_window_frames and "
+                             "tokens_per_frame >= 1 and sink_tokens >= 0")
+        super().__init__(self.sink + self.text_window + self.frames * self.k)
+        self.vision0 = self.sink + self.text_window
+        self.text_count = 0          # text tokens ever written
+        self.frame_count = 0         # frames ever written
+        self._pending: tuple[str, np.ndarray] | None = None
+
+    def regions(self) -> dict[str, tuple[int, int]]:
+        return {"sink": (0, self.sink), "text_window": (self.sink, self.text_window),
+                "vision_window": (self.vision0, self.frames * self.k)}
+
+    def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None,
+                  kind: str | None = None) -> StepPlan:
+        if kind == "frame":
+            if n_valid > self.k:
+                raise CapacityError(f"frame of {n_valid} tokens does not fit a streaming_vlm frame "
+                                    f"block of {self.k} slots")
+            if n_valid == 0:                      # nothing to write: evict nothing
+                write = hidden = np.zeros(0, dtype=np.int64)
+            else:
+                base = self.vision0 + (self.frame_count % self.frames) * self.k
+                write = base + np.arange(n_valid, dtype=np.int64)
+                hidden = np.arange(base, base + self.k, dtype=np.int64)
+        else:                                      # every other kind is text (TEXT_KINDS)
+            if n_valid > self.text_window:
+                raise CapacityError(f"text chunk of {n_valid} tokens does not fit the streaming_vlm "
+                                    f"text window of {self.text_window} tokens")
+            t = self.text_count + np.arange(n_valid, dtype=np.int64)
+            write = np.where(t < self.sink, t, self.sink + (t - self.sink) % self.text_window)
+            hidden = write
+        visible = self.slot_seq >= 0
+        visible[hidden] = False
+        cache_pos, m = _rank_positions(visible, self.slot_seq)
+        self._pending = ("frame" if kind == "frame" else "text", hidden)
+        pos = np.arange(m, m + chunk_len, dtype=np.int64)
+        return StepPlan(self._pad(write, chunk_len), pos, cache_pos, visible, n_valid)
+
+    def commit(self, plan: StepPlan, outputs: dict[str, np.ndarray] | None = None) -> None:
+        assert self._pending is not None, "commit without plan_step"
+        what, hidden = self._pending
+        self._pending = None
+        self.slot_seq[hidden] = -1                 # the evicted frame's block / overwritten text
+        super().commit(plan)
+        if what == "frame":
+            self.frame_count += plan.n_new > 0
+        else:
+            self.text_count += plan.n_new
+
+
+class RekvCache(CachePolicy):
+    """``rekv`` — ReKV: local-window streaming, frame KV offloaded as blocks to a host block
+    store, per-layer top-k block retrieval for questions.
+
+    Source: Di et al., "Streaming Video Question-Answering with In-context Video KV-Cache
+    Retrieval" (ICLR 2025), Becomebright/ReKV ``model/attention/kv_cache_manager.py``
+    (``ContextManager``: ``_append_global``, ``_calc_block_topk``, ``get_retrieved_kv``) and
+    ``model/llava_onevision_rekv.py`` (``question_answering``); techniques.md §5.
+
+    Regions (slots): ``init [0, n_init)`` the system-prompt (``"prefix"``) tokens, kept
+    forever; ``local`` a ring over the most recent stream tokens (frames, and prompt tokens
+    beyond ``init``); ``retrieved`` ``topk`` blocks of ``bt`` slots; ``question`` the
+    question prompt and answer.
+
+    Streaming (kinds ``prefix``/``frame``): StreamingLLM over [init | local] (positions =
+    rank in stream order; a chunk of n tokens overwrites the n oldest local slots). Frame
+    tokens are cut into blocks of ``bt`` consecutive frame tokens (``bt = K``: one block per
+    frame); a block's mean key per layer ``[L, Hkv, Dh]`` (mean of its un-rotated keys) is
+    taken when the block is complete, and its payload ``[L, 2, Hkv, bt, Dh]`` is copied to the
+    :class:`~streamgraph.runtime.offload.BlockStore` when its first token is about to be
+    overwritten in the local window (RAM up to ``store_blocks``, then disk).
+
+    Questions (:meth:`prepare_question`): every complete block — offloaded or still in the
+    local window — is a candidate, as in ReKV. With ``n`` blocks and ``n <= topk`` all are
+    loaded. Otherwise, for each layer ``l`` in order, the question text is prefilled once
+    (kind ``"retrieval"``) with layers ``< l`` already seeing their retrieved blocks; the
+    engine's ``query_mean[l]`` (mean over the question tokens of the pre-RoPE query, per query
+    head) is scored against every block's mean key expanded to the query heads (GQA), as an
+    unnormalised fp32 dot product over ``H*Dh``; the top-``topk`` block ids, sorted ascending
+    (time order), are copied into layer ``l``'s slice of the ``retrieved`` region. This is
+    exactly ReKV's per-layer retrieval inside one forward pass (layer ``l``'s query depends
+    on what layers ``< l`` retrieved), at the cost of ``L`` extra question prefills. The
+    prompt and answer then attend to [init | retrieved (time order) | question] at positions
+    0..len-1. Every layer retrieves ``min(topk, n)`` blocks of ``bt`` tokens, so the visible
+    slots and positions are the same in every layer and the engine's shared ``cache_valid
+    [B,S]`` / ``cache_positions [B,S]`` suffice. The question and answer KV are discarded at
+    ``"resume"`` (ReKV does not keep them); streaming continues over [init | local].
+
+    Deviation: ReKV encodes frames with init keys at "one angle" (queries rotated at
+    ``n_local``); per-slot positions cannot express that for a chunk of several queries, so
+    init is attended with StreamingLLM positions instead. ``ReKV chunk_size`` > 1 (grouped
+    blocks) is not implemented (chunk_size = 1, the released default).
+
+    Raises :class:`CapacityError` when a question prompt + answer exceeds the question
+    region, and when a frame token would leave the local window before its block is
+    complete (the compiler rejects such a configuration).
+    """
+
+    name = "rekv"
+
+    def __init__(self, *, init_tokens: int, local_tokens: int, topk: int, block_tokens: int,
+                 question_tokens: int, store_blocks: int, num_layers: int, num_kv_heads: int,
+                 head_dim: int, num_heads: int, store_dir: str | Path | None = None):
+        self.n_init, self.n_local, self.topk = int(init_tokens), int(local_tokens), int(topk)
+        self.bt, self.n_question = int(block_tokens), int(question_tokens)
+        if min(self.n_local, self.topk, self.bt, self.n_question) < 1 or self.n_init < 0:
+            raise ValueError("rekv needs local_tokens, topk, block_tokens, question_tokens >= 1")
+        super().__init__(self.n_init + self.n_local + self.topk * self.bt + self.n_question)
+        self.local0 = self.n_init
+        self.ret0 = self.n_init + self.n_local
+        self.q0 = self.ret0 + self.topk * self.bt
+        self.num_layers, self.num_kv_heads = int(num_layers), int(num_kv_heads)
+        self.head_dim, self.num_heads = int(head_dim), int(num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+        self.store = BlockStore(self.num_layers, (2, self.num_kv_heads, self.bt, self.head_dim),
+                                (self.num_kv_heads, self.head_dim), store_blocks, directory=store_dir)
+        self.init_count = 0                  # init slots filled
+        self.local_count = 0                 # tokens ever written to the local ring
+        self.pending: list[int] = []         # local slots of frame tokens not yet in a block
+        self.slot_block = np.full(self.capacity, -1, dtype=np.int64)  # block of a local slot
+        self.local_blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id -> (slots, mean key)
+        self.n_blocks = 0                    # complete blocks (ids 0..n-1 in time order)
+        self.mode = "stream"                 # or "question"
+        self.q_count = 0                     # tokens in the question region
+        self.n_sel = 0                       # blocks in the retrieved region (every layer)
+        self.retrieved: list[np.ndarray] = []  # per layer: block ids in the retrieved region
+        self.scores: list[np.ndarray | None] = []  # per layer: scores of the retrieved blocks
+        self.query_means: np.ndarray | None = None  # [L, H, Dh] used for scoring (last question)
+        self.retrieval_passes = 0            # question prefills run for retrieval, in total
+        self._pending: tuple | None = None
+        self._qsum: np.ndarray | None = None
+        self._qn = 0
+
+    def regions(self) -> dict[str, tuple[int, int]]:
+        return {"init": (0, self.n_init), "local": (self.local0, self.n_local),
+                "retrieved": (self.ret0, self.topk * self.bt), "question": (self.q0, self.n_question)}
+
+    @property
+    def slots_in_use(self) -> int:
+        stream = int((self.slot_seq[: self.ret0] >= 0).sum())
+        return stream + (self.n_sel * self.bt + self.q_count if self.mode == "question" else 0)
+
+    # ------------------------------------------------------------------ blocks
+    def _need_kv(self) -> "KVBuffer":
+        if self.kv is None:
+            raise RuntimeError("rekv policy has no KV buffer: call attach(kv) first")
+        return self.kv
+
+    def _offload(self, b: int) -> None:
+        """Copy block ``b`` (still in the local window) to the block store."""
+        assert b == self.store.n_blocks, (b, self.store.n_blocks)
+        slots, key = self.local_blocks.pop(b)
+        payload = self._need_kv().data[:, :, 0][:, :, :, slots, :]       # [L, 2, Hkv, bt, Dh]
+        self.store.append(payload, key)
+        self.slot_block[slots] = -1
+
+    def _cut_blocks(self) -> None:
+        kv = self._need_kv()
+        while len(self.pending) >= self.bt:
+            slots = np.asarray(self.pending[: self.bt], dtype=np.int64)
+            del self.pending[: self.bt]
+            keys = kv.data[:, 0, 0][:, :, slots, :]                         # [L, Hkv, bt, Dh]
+            key = keys.astype(np.float32).mean(axis=2)                       # [L, Hkv, Dh]
+            self.local_blocks[self.n_blocks] = (slots, key)
+            self.slot_block[slots] = self.n_blocks
+            self.n_blocks += 1
+
+    def _block_layer(self, b: int, layer: int) -> np.ndarray:
+        """Layer ``layer`` of block ``b``'s payload ``[2, Hkv, bt, Dh]``."""
+        if b < self.store.n_blocks:
+            return self.store.read_layer(b, layer)
+        slots, _ = self.local_blocks[b]
+        return self._need_kv().data[layer, :, 0][:, :, slots, :]
+
+    def _layer_keys(self, layer: int):
+        yield from self.store.layer_keys(layer)
+        local = [self.local_blocks[b][1][layer] for b in range(self.store.n_blocks, self.n_blocks)]
+        if local:
+            yield np.stack(local)
+
+    def _chunk_scores(self, keys: np.ndarray, q: np.ndarray) -> np.ndarray:
+        rep = self.num_heads // self.num_kv_heads
+        return (np.repeat(keys, rep, axis=1).reshape(len(keys), -1).astype(np.float32) @ q).astype(np.float32)
+
+    def block_scores(self, layer: int, query_mean: np.ndarray) -> np.ndarray:
+        """Scores ``[n_blocks]`` float32 of every block for layer ``layer``: the dot product
+        of the block's mean key, expanded from Hkv to H query heads (GQA), with ``query_mean
+        [H, Dh]``, flattened over ``H*Dh``, in fp32, unnormalised (ReKV
+        ``VectorTensor.get_cosine_similarity``, which despite its name does not normalise).
+        Memory O(n_blocks); retrieval itself uses :meth:`top_blocks`."""
+        q = np.asarray(query_mean, dtype=np.float32).reshape(-1)
+        out = [self._chunk_scores(k, q) for k in self._layer_keys(layer)]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def top_blocks(self, layer: int, query_mean: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` best blocks of layer ``layer`` by :meth:`block_scores` (ties: lower id
+        first), as ``(ids ascending, their scores)``. Streams over the mean keys chunk by
+        chunk keeping a running top-k, so memory is O(k + chunk) however long the stream."""
+        q = np.asarray(query_mean, dtype=np.float32).reshape(-1)
+        best_ids, best = np.zeros(0, np.int64), np.zeros(0, np.float32)
+        start = 0
+        for keys in self._layer_keys(layer):
+            ids = np.concatenate([best_ids, np.arange(start, start + len(keys), dtype=np.int64)])
+            sc = np.concatenate([best, self._chunk_scores(keys, q)])
+            keep = np.lexsort((ids, -sc))[:k]            # score descending, then id ascending
+            best_ids, best = ids[keep], sc[keep]
+            start += len(keys)
+        order = np.argsort(best_ids, kind="stable")
+        return best_ids[order], best[order]
+
+    def _load(self, layer: int, ids: np.ndarray) -> None:
+        data = self._need_kv().data
+        for j, b in enumerate(ids):
+            lo = self.ret0 + j * self.bt
+            data[layer, :, 0, :, lo:lo + self.bt, :] = self._block_layer(int(b), layer)
+
+    # ------------------------------------------------------------------ questions
+    def prepare_question(self, run_retrieval_pass: Callable[[], None]) -> None:
+        n, L = self.n_blocks, self.num_layers
+        self.mode, self.q_count = "question", 0
+        self.n_sel = min(self.topk, n)
+        self.scores = [None] * L
+        self.query_means = None
+        if n <= self.topk:
+            ids = np.arange(n, dtype=np.int64)
+            self.retrieved = [ids] * L
+            for layer in range(L):
+                self._load(layer, ids)
+            return
+        self.retrieved = [np.zeros(0, np.int64)] * L
+        self.query_means = np.zeros((L, self.num_heads, self.head_dim), np.float32)
+        for layer in range(L):
+            self._qsum = np.zeros((L, self.num_heads, self.head_dim), np.float64)
+            self._qn, self.q_count = 0, 0
+            run_retrieval_pass()
+            self.retrieval_passes += 1
+            if self._qn == 0:
+                raise RuntimeError("rekv retrieval pass ran no question tokens")
+            q = (self._qsum[layer] / self._qn).astype(np.float32)
+            self.query_means[layer] = q
+            ids, scores = self.top_blocks(layer, q, self.topk)
+            self.scores[layer], self.retrieved[layer] = scores, ids
+            self._load(layer, ids)
+        self._qsum, self.q_count = None, 0
+
+    # ------------------------------------------------------------------ planning
+    def _question_view(self) -> tuple[np.ndarray, np.ndarray, int]:
+        visible = np.zeros(self.capacity, dtype=bool)
+        visible[: self.init_count] = True
+        r = self.n_sel * self.bt
+        visible[self.ret0: self.ret0 + r] = True
+        visible[self.q0: self.q0 + self.q_count] = True
+        pos = np.zeros(self.capacity, dtype=np.int64)
+        pos[: self.init_count] = np.arange(self.init_count)
+        pos[self.ret0: self.ret0 + r] = self.init_count + np.arange(r)
+        pos[self.q0: self.q0 + self.q_count] = self.init_count + r + np.arange(self.q_count)
+        return visible, pos, self.init_count + r + self.q_count
+
+    def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None,
+                  kind: str | None = None) -> StepPlan:
+        if kind in ("question", "decode", "retrieval"):
+            if self.mode != "question":
+                raise RuntimeError("rekv: a question chunk without prepare_question()")
+            if self.q_count + n_valid > self.n_question:
+                raise CapacityError(
+                    f"question of {self.q_count + n_valid} tokens (prompt + answer so far) does not fit "
+                    f"the rekv question region of {self.n_question} slots; raise question_tokens")
+            visible, cache_pos, m = self._question_view()
+            write = self.q0 + self.q_count + np.arange(n_valid, dtype=np.int64)
+            self._pending = ("question", kind)
+            return StepPlan(self._pad(write, chunk_len), np.arange(m, m + chunk_len, dtype=np.int64),
+                            cache_pos, visible, n_valid)
+        if self.mode == "question":                 # the answer is over: drop question KV
+            self.mode, self.q_count, self.n_sel = "stream", 0, 0
+        stream = np.zeros(self.capacity, dtype=bool)
+        stream[: self.ret0] = True
+        if kind == "resume":                        # discarded, like ReKV's question turn
+            visible = (self.slot_seq >= 0) & stream
+            cache_pos, m = _rank_positions(visible, self.slot_seq)
+            self._pending = ("discard", kind)
+            return StepPlan(self._pad(np.zeros(0, np.int64), chunk_len),
+                            np.arange(m, m + chunk_len, dtype=np.int64), cache_pos, visible, n_valid)
+        n_init = min(self.n_init - self.init_count, n_valid) if kind == "prefix" else 0
+        n_loc = n_valid - n_init
+        if n_loc > self.n_local:
+            raise CapacityError(f"chunk of {n_loc} tokens does not fit the rekv local window of "
+                                f"{self.n_local} tokens")
+        loc = self.local0 + (self.local_count + np.arange(n_loc, dtype=np.int64)) % self.n_local
+        write = np.concatenate([self.init_count + np.arange(n_init, dtype=np.int64), loc])
+        pending = set(self.pending)
+        if any(int(s) in pending for s in loc):
+            raise CapacityError("rekv: a frame token would leave the local window before its block is "
+                                "complete; raise local_tokens (>= block_tokens + the largest chunk)")
+        for b in sorted({int(b) for b in self.slot_block[loc] if b >= 0}):
+            self._offload(b)                        # copy out before the step overwrites it
+        visible = (self.slot_seq >= 0) & stream
+        visible[loc] = False
+        cache_pos, m = _rank_positions(visible, self.slot_seq)
+        self._pending = ("stream", kind, loc)
+        return StepPlan(self._pad(write, chunk_len), np.arange(m, m + chunk_len, dtype=np.int64),
+                        cache_pos, visible, n_valid)
+
+    def commit(self, plan: StepPlan, outputs: dict[str, np.ndarray] | None = None) -> None:
+        assert self._pending is not None, "commit without plan_step"
+        what, kind = self._pending[0], self._pending[1]
+        n = plan.n_new
+        if what == "stream":
+            loc = self._pending[2]
+            self.slot_seq[loc] = -1
+            super().commit(plan)
+            self.init_count += n - len(loc)
+            self.local_count += len(loc)
+            if kind == "frame":
+                self.pending.extend(int(s) for s in loc)
+                self._cut_blocks()
+        elif what == "question":
+            w = plan.write_slots[:n]
+            self.slot_pos[w] = plan.positions[:n]
+            self.q_count += n
+            if kind == "retrieval" and self._qsum is not None and n:
+                if outputs is None or "query_mean" not in outputs:
+                    raise RuntimeError("rekv retrieval needs the decoder step's query_mean output")
+                self._qsum += outputs["query_mean"][:, 0].astype(np.float64) * n
+                self._qn += n
+        self._pending = None
+
+
+class CarrierCache(CachePolicy):
+    """``carrier`` — VideoScan: one semantic carrier token per frame in a fixed carrier
+    memory.
+
+    Source: Li et al., "VideoScan: Enabling Efficient Streaming Video Understanding via
+    Frame-level Semantic Carriers" (2025), LyliAgave/VideoScan ``llava/model/llava_arch.py``
+    (``prepare_inputs_wo_last_frame``, ``MAX_MEMORY_LIMIT = 64``) and
+    ``llava/video_streamer.py`` (``set_past_key_values``); techniques.md §8.
+
+    Regions (slots): ``sink`` the system prompt (``"prefix"`` tokens), kept forever;
+    ``carriers`` the carrier memory; ``question`` the question prompt and answer.
+
+    Per frame, :meth:`prepare_frame` appends the carrier embedding — the mean of the frame's
+    valid visual tokens ``[C]`` — after them. The chunk [frame tokens | carrier] is prefilled
+    at positions continuing from the cache length (the number of visible slots: sink +
+    carriers), attending to sink + carriers and causally to itself; only the carrier's KV is
+    written (the frame tokens' KV is discarded), and its position stays fixed (the reference
+    caches rotated keys and never re-rotates them). When the memory then holds ``carriers``
+    carriers, the cosine similarity of each adjacent pair of carrier *embeddings* (insertion
+    order) is computed and the earlier carrier of the most similar pair is dropped (its slot
+    freed), so at most ``carriers - 1`` remain after a frame. Questions and answers attend to
+    sink + carriers + themselves at positions continuing from the cache length; their KV is
+    discarded at ``"resume"``.
+
+    Raises :class:`CapacityError` when the prompt exceeds the sink region or a question +
+    answer exceeds the question region.
+    """
+
+    name = "carrier"
+
+    def __init__(self, sink_tokens: int, carriers: int, question_tokens: int, hidden_size: int):
+        self.n_sink, self.n_carriers, self.n_question = int(sink_tokens), int(carriers), int(question_tokens)
+        if self.n_carriers < 2 or self.n_sink < 1 or self.n_question < 1:
+            raise ValueError("carrier needs carriers >= 2, sink_tokens >= 1, question_tokens >= 1")
+        super().__init__(self.n_sink + self.n_carriers + self.n_question)
+        self.c0 = self.n_sink
+        self.q0 = self.n_sink + self.n_carriers
+        self.embeddings = np.zeros((self.n_carriers, int(hidden_size)), dtype=np.float32)
+        self.sink_count = 0
+        self.q_count = 0
+        self.dropped = 0                     # carriers dropped so far
+        self._carrier: np.ndarray | None = None
+        self._pending: tuple | None = None
+
+    def regions(self) -> dict[str, tuple[int, int]]:
+        return {"sink": (0, self.n_sink), "carriers": (self.c0, self.n_carriers),
+                "question": (self.q0, self.n_question)}
+
+    def prepare_frame(self, tokens: np.ndarray, n_valid: int, offsets: np.ndarray | None
+                      ) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """``tokens [1,T,C]`` -> ``[1,T+1,C]`` with the carrier (mean of the ``n_valid``
+        valid tokens, float32) at index ``n_valid``; offsets are dropped (positions are
+        compact). A frame without valid tokens is returned unchanged (no carrier)."""
+        if n_valid == 0:
+            self._carrier = None
+            return tokens, n_valid, offsets
+        carrier = tokens[0, :n_valid].astype(np.float32).mean(axis=0)
+        out = np.empty((1, tokens.shape[1] + 1, tokens.shape[2]), dtype=tokens.dtype)
+        out[0, :n_valid] = tokens[0, :n_valid]
+        out[0, n_valid] = carrier
+        out[0, n_valid + 1:] = tokens[0, n_valid:]
+        self._carrier = carrier
+        return out, n_valid + 1, None
+
+    def _base_visible(self) -> np.ndarray:
+        visible = self.slot_seq >= 0
+        visible[self.q0:] = False
+        return visible
+
+    def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None,
+                  kind: str | None = None) -> StepPlan:
+        visible = self._base_visible()
+        if kind in ("question", "decode", "retrieval"):
+            if self.q_count + n_valid > self.n_question:
+                raise CapacityError(
+                    f"question of {self.q_count + n_valid} tokens (prompt + answer so far) does not fit "
+                    f"the carrier question region of {self.n_question} slots; raise question_tokens")
+            visible[self.q0: self.q0 + self.q_count] = True
+            write = self.q0 + self.q_count + np.arange(n_valid, dtype=np.int64)
+            what = "question"
+        else:
+            self.q_count = 0                      # any earlier question/answer KV is dropped
+            if kind == "frame" and n_valid:
+                if self._carrier is None:
+                    raise RuntimeError("carrier: a frame chunk without prepare_frame()")
+                free = np.flatnonzero(self.slot_seq[self.c0: self.q0] < 0)
+                write = np.full(n_valid, -1, dtype=np.int64)
+                write[n_valid - 1] = self.c0 + int(free[0])    # only the carrier is kept
+                what = "frame"
+            elif kind == "prefix":
+                if self.sink_count + n_valid > self.n_sink:
+                    raise CapacityError(f"prompt of {self.sink_count + n_valid} tokens does not fit the "
+                                        f"carrier sink of {self.n_sink} slots; raise sink_tokens")
+                write = self.sink_count + np.arange(n_valid, dtype=np.int64)
+                what = "prefix"
+            else:                                  # resume (or a frame without tokens)
+                write = np.zeros(0, dtype=np.int64)
+                what = "discard"
+        m = int(visible.sum())
+        self._pending = (what,)
+        return StepPlan(self._pad(write, chunk_len), np.arange(m, m + chunk_len, dtype=np.int64),
+                        self.slot_pos.copy(), visible, n_valid)
+
+    def commit(self, plan: StepPlan, outputs: dict[str, np.ndarray] | None = None) -> None:
+        assert self._pending is not None, "commit without plan_step"
+        what = self._pending[0]
+        self._pending = None
+        n = plan.n_new
+        if what == "question":
+            w = plan.write_slots[:n]
+            self.slot_pos[w] = plan.positions[:n]
+            self.q_count += n
+        elif what == "prefix":
+            super().commit(plan)
+            self.sink_count += n
+        elif what == "frame":
+            s = int(plan.write_slots[n - 1])
+            self.slot_seq[s] = self.tokens_seen
+            self.slot_pos[s] = plan.positions[n - 1]
+            self.tokens_seen += 1
+            self.embeddings[s - self.c0] = self._carrier
+            self._carrier = None
+            self._drop_if_full()
+
+    def _drop_if_full(self) -> None:
+        seqs = self.slot_seq[self.c0: self.q0]
+        live = np.flatnonzero(seqs >= 0)
+        if len(live) < self.n_carriers:
+            return
+        order = live[np.argsort(seqs[live], kind="stable")]        # insertion order
+        e = self.embeddings[order]
+        a, b = e[:-1], e[1:]
+        eps = np.float32(1e-8)
+        na = np.maximum(np.linalg.norm(a, axis=1), eps)
+        nb = np.maximum(np.linalg.norm(b, axis=1), eps)
+        sims = (a * b).sum(axis=1) / (na * nb)
+        drop = int(order[int(np.argmax(sims))])                    # earlier of the most similar pair
+        self.slot_seq[self.c0 + drop] = -1
+        self.dropped += 1
+
+
+def make_policy(op: str, params: dict, plan=None, *, store_dir: str | Path | None = None) -> CachePolicy:
+    """Cache policy for a plan's ``cache`` entry (``op``, ``params``). ``plan`` (a
+    :class:`~streamgraph.compiler.plan.Plan`) supplies the region sizes and model dims the
+    ``streaming_vlm``, ``rekv`` and ``carrier`` policies need; ``store_dir`` is where
+    ``rekv`` spills blocks (default: a temporary directory it owns). Raises KeyError for an
+    unknown op and ValueError when a policy needs ``plan`` and none is given."""
     if op == "full":
         return FullCache(int(params["capacity_tokens"]))
     if op == "sink_window":
         return SinkWindowCache(int(params["sink_tokens"]), int(params["window_tokens"]))
-    raise KeyError(f"unknown cache policy {op!r}")
+    if op not in ("streaming_vlm", "rekv", "carrier"):
+        raise KeyError(f"unknown cache policy {op!r}")
+    if plan is None:
+        raise ValueError(f"cache policy {op!r} needs the plan (region sizes, model dims)")
+    cache = plan.cache
+    sizes = {r["name"]: int(r["slots"]) for r in cache["regions"]}
+    k = int(cache["tokens_per_frame"])
+    if op == "streaming_vlm":
+        return StreamingVLMCache(sizes["sink"], sizes["text_window"], sizes["vision_window"] // k, k)
+    L, _, _, hkv, _, dh = plan.kv.shape
+    if op == "rekv":
+        qm = next(o for o in plan.engines["decoder_step"].outputs if o.name == "query_mean")
+        return RekvCache(init_tokens=sizes["init"], local_tokens=sizes["local"], topk=int(params["topk"]),
+                         block_tokens=int(cache["block_tokens"]), question_tokens=sizes["question"],
+                         store_blocks=int(cache["store_blocks"]), num_layers=L, num_kv_heads=hkv,
+                         head_dim=dh, num_heads=int(qm.shape[2]), store_dir=store_dir)
+    return CarrierCache(sizes["sink"], sizes["carriers"], sizes["question"], plan.hidden_size)

@@ -22,7 +22,7 @@ import numpy as np
 from streamgraph.backends.base import Backend, open_backend
 from streamgraph.compiler.bundle import Bundle
 from streamgraph.runtime.clock import Clock, SimulatedClock
-from streamgraph.runtime.kv import CachePolicy, KVBuffer, make_policy
+from streamgraph.runtime.kv import CachePolicy, KVBuffer, StepPlan, make_policy
 from streamgraph.runtime.metrics import QuestionRecord
 from streamgraph.runtime.preprocess import preprocess_frame
 from streamgraph.runtime.reduction import EncoderStage, ReducerStage
@@ -61,7 +61,8 @@ class Session(StreamBase):
         if self.kv.nbytes != self.plan.kv.bytes:
             raise AssertionError(f"KV buffer {self.kv.nbytes} B != plan {self.plan.kv.bytes} B")
         cache = self.plan.cache
-        self.policy: CachePolicy = make_policy(cache["op"], cache["params"])
+        self.policy: CachePolicy = make_policy(cache["op"], cache["params"], self.plan)
+        self.policy.attach(self.kv)
         self.encoder_stage = EncoderStage(self.plan, backend)
         self.reducer_stage = ReducerStage(self.plan, backend)
         self.last_hidden: np.ndarray | None = None
@@ -89,7 +90,12 @@ class Session(StreamBase):
         """Run one chunk ``embeds [1,T,C]`` (first ``n_valid`` valid) and (``commit``) write
         its KV. Returns ``logits [V]`` of the last valid token."""
         t = embeds.shape[1]
-        step = self.policy.plan_step(t, n_valid, offsets)
+        if commit:
+            step = self.policy.plan_step(t, n_valid, offsets, kind=kind)
+        else:   # cost probe (calibration): same engine work, no cache-policy state touched
+            s_cap = self.kv.capacity
+            step = StepPlan(np.full(t, -1, np.int64), np.arange(s_cap, s_cap + t, dtype=np.int64),
+                            np.arange(s_cap, dtype=np.int64), np.ones(s_cap, dtype=bool), n_valid)
         valid = np.zeros((1, t), dtype=bool)
         valid[0, :n_valid] = True
         out = self.backend.run("decoder_step", {
@@ -100,7 +106,7 @@ class Session(StreamBase):
         if not commit:
             return logits
         self.kv.write(out["new_kv"], step.write_slots)
-        self.policy.commit(step)
+        self.policy.commit(step, out)
         if "last_hidden" in out:
             self.last_hidden = out["last_hidden"][0]
         if self.trace_enabled:
@@ -192,8 +198,11 @@ class Session(StreamBase):
             t3 = time.perf_counter()
             stage_s["reduce"] = t3 - t2
             t2 = t3
-        if reduced.n_valid:
-            self._decoder_step(reduced.tokens, reduced.n_valid, "frame", reduced.offsets, commit=commit)
+        if reduced.n_valid and commit:
+            chunk, n_chunk, offsets = self.policy.prepare_frame(reduced.tokens, reduced.n_valid, reduced.offsets)
+            self._decoder_step(chunk, n_chunk, "frame", offsets)
+        elif reduced.n_valid:
+            self._decoder_step(reduced.tokens, reduced.n_valid, "frame", commit=False)
         stage_s["prefill"] = time.perf_counter() - t2
         return stage_s, reduced.n_valid, reduced.budget, mode
 
@@ -215,6 +224,7 @@ class Session(StreamBase):
         self._answer_open = True
         self._answer_ids: list[int] = []
         t0 = time.perf_counter()
+        self.policy.prepare_question(lambda: self._prefill_text(question, "retrieval"))
         logits = self._prefill_ids(ids, "question")
         token = int(np.argmax(logits))
         self.clock.spend(time.perf_counter() - t0)
