@@ -180,8 +180,8 @@ def main(argv=None) -> int:
     base = sessions[0]
     probe_ids = base.tokenizer.encode(f"{VISION_END}\n{PROBE}{IM_END}\n{IM_START}assistant\n").ids
 
-    per = [{"encode_ms": [], "reduce_ms": [], "prefill_ms": [], "tokens": [], "cos": [], "encoder": [], "budget": []}
-           for _ in pipes]
+    per = [{"encode_ms": [], "reduce_ms": [], "prefill_ms": [], "tokens": [], "cos": [], "encoder": [], "budget": [],
+            "pixel_change": []} for _ in pipes]
     hidden = [[] for _ in pipes]
     t_run = time.perf_counter()
     # Blocks of frames per pipeline, rotating pipelines: each session keeps warm caches within a
@@ -198,6 +198,9 @@ def main(argv=None) -> int:
                 rec_list["tokens"].append(rec.tokens_kept)
                 rec_list["encoder"].append(rec.encoder)
                 rec_list["budget"].append(rec.budget)
+                if s.encoder_stage.skip_threshold > 0:   # the skip metric vs the last encoded frame
+                    change = s.encoder_stage.last_change
+                    rec_list["pixel_change"].append(change if np.isfinite(change) else None)
                 hid.append(probe_hidden(s, probe_ids))
         print(f"  frames {start + len(block)}/{len(frames)} ({time.perf_counter() - t_run:.0f} s)")
     wall = time.perf_counter() - t_run
@@ -237,6 +240,12 @@ def main(argv=None) -> int:
         print(f"{r['label']:<22} {r['tokens_per_frame_mean']:9.1f} {r['vit_ms_amortized']:8.2f} {r['vit_ratio']:7.2f} "
               f"{r['reduce_ms']['p50']:9.2f} {r['prefill_ms']['p50']:10.2f} {r['prefill_ratio']:7.2f} "
               f"{r['fidelity_cos']['mean']:8.5f} {r['fidelity_cos']['min']:8.5f}  {paths}")
+    for r in rows:
+        pc = [v for v in r["per_frame"]["pixel_change"] if v is not None]
+        if pc:
+            print(f"{r['label']}: pixel change vs last encoded frame (skip metric, [0,1] units) "
+                  f"min {min(pc):.4f} p10 {np.percentile(pc, 10):.4f} p50 {np.percentile(pc, 50):.4f} "
+                  f"max {max(pc):.4f}; threshold {r['encoder']['skip_threshold']}")
     print(f"\n{len(frames)} frames x {len(pipes)} pipelines in {wall:.0f} s. Over frames {w}..{len(frames) - 1} "
           f"(first {w} are warm-up): ViT ms = median per encoder path weighted by how often it ran "
           f"(amortized); reduce and prefill ms = medians; 'x base' = ratio to the unreduced pipeline; "
