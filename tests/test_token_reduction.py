@@ -142,6 +142,26 @@ def test_dtd_cacher_session_ort_matches_torch_with_budget_switching(dtd_cacher_b
         ort.push_frame(fl[0], budget=12)
 
 
+def test_cacher_and_dtd_engines_ort_match_torch(dtd_cacher_bundle):
+    from streamgraph.backends.onnxruntime import OnnxRuntimeBackend
+    from streamgraph.backends.torch import TorchBackend
+
+    bundle = Bundle.load(dtd_cacher_bundle)
+    ort, ref = OnnxRuntimeBackend(bundle), TorchBackend(bundle)
+    rng = np.random.default_rng(3)
+    px = rng.standard_normal((1, 3, 64, 64)).astype(np.float32)
+    px2 = px + 0.5 * rng.standard_normal(px.shape).astype(np.float32) * (rng.random((1, 1, 64, 64)) < 0.3)
+    a, b = ort.run("vision_encoder", {"pixel_values": px}), ref.run("vision_encoder", {"pixel_values": px})
+    for name in ("visual_tokens", "encoder_refs"):
+        np.testing.assert_allclose(a[name], b[name], atol=1e-5, rtol=0, err_msg=name)
+    feeds = {"pixel_values": px2, "encoder_refs": b["encoder_refs"]}
+    reuse_ort = ort.run("vision_encoder_reuse", feeds)["visual_tokens"]
+    reuse_ref = ref.run("vision_encoder_reuse", feeds)["visual_tokens"]
+    np.testing.assert_allclose(reuse_ort, reuse_ref, atol=1e-5, rtol=0)
+    dense = ref.run("vision_encoder", {"pixel_values": px2})["visual_tokens"]
+    assert np.abs(reuse_ref - dense).max() > 1e-4          # reuse really skipped work
+
+
 def _torch_session(tmp_path, name, **kw):
     b = compile_graph(red_graph(tmp_path, name, **kw), tmp_path / name, target="torch").bundle.path
     return Session.open(b, "torch", trace=True)

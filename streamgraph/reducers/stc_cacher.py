@@ -100,18 +100,20 @@ class ReuseVisionEncoder(nn.Module):
         x = self.vision_tower.embeddings(pixel_values)
         b, t, c = x.shape
         n = selected_count(t, self.update_ratio)
+        rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
         for li, layer in enumerate(self.vision_tower.encoder.layers):
             attn = layer.self_attn
-            k_ref, v_ref, a_ref, m_ref = encoder_refs[li, 0], encoder_refs[li, 1], encoder_refs[li, 2], encoder_refs[li, 3]
+            refs = encoder_refs[li]
+            k_ref, v_ref, a_ref, m_ref = refs[0], refs[1], refs[2], refs[3]
             x1 = layer.layer_norm1(x)
             k = attn.k_proj(x1)
             score = cosine(k, k_ref)                                                 # [B, T]
             idx = torch.topk(score, n, dim=-1, largest=False).indices                # [B, n]
-            rows = idx[..., None].expand(b, n, c)
             x1s = gather_rows(x1, idx)
-            v = v_ref.scatter(1, rows, attn.v_proj(x1s))
-            a = a_ref.scatter(1, rows, _attend(attn, attn.q_proj(x1s), k, v))
+            # row replacement: index_put exports to ScatterND (whole rows, no reduction)
+            v = v_ref.index_put((rows, idx), attn.v_proj(x1s))
+            a = a_ref.index_put((rows, idx), _attend(attn, attn.q_proj(x1s), k, v))
             x = x + a
-            m = m_ref.scatter(1, rows, layer.mlp(layer.layer_norm2(gather_rows(x, idx))))
+            m = m_ref.index_put((rows, idx), layer.mlp(layer.layer_norm2(gather_rows(x, idx))))
             x = x + m
         return self.multi_modal_projector(x)
