@@ -140,8 +140,9 @@ class StreamRunner:
             frame = self.pending[i].popleft()
             session = self.sessions[i]
             capture = self._capture(i, frame)
-            decision = session.scheduler.decide(capture, now)
-            queue_len = len(self.pending[i]) + 1
+            backlog = [self._capture(i, f) for f in self.pending[i]]
+            decision = session.scheduler.decide(capture, now, backlog)
+            queue_len = len(backlog) + 1
             if decision.action == "drop":
                 rec = session.record_drop(capture, decision, queue_len)
             else:

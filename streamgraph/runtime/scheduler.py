@@ -11,8 +11,10 @@ decides how to run the one chosen (EDF across streams, see :mod:`streamgraph.run
   (start + predicted cost at full budget) is after it.
 * ``latest_only`` — keep only the newest pending frame, drop the older ones, run it at full
   budget (a flow limiter, like MediaPipe's FlowLimiterCalculator or dora's drop_oldest).
-* ``degrade`` — run at the largest precompiled token budget whose predicted cost fits the
-  slack (deadline - now); only when even the smallest budget does not fit, drop.
+* ``degrade`` — run at the largest precompiled token budget at which this frame and the frames
+  queued behind it would all meet their deadlines (back to back at that budget); if no budget
+  saves them all, the cheapest one that still fits this frame's slack; only when even the
+  smallest budget does not fit the slack, drop.
 
 Costs come from :class:`CostModel`: an EWMA per stage and per budget bucket, calibrated at
 session start and updated online after every frame. The scheduler never reads a clock:
@@ -118,8 +120,14 @@ class Scheduler:
             return out
         return []
 
-    def decide(self, capture: float, now: float) -> Decision:
-        """Run (at which budget) or drop the frame captured at ``capture``, starting ``now``."""
+    def decide(self, capture: float, now: float, backlog: list[float] | None = None) -> Decision:
+        """Run (at which budget) or drop the frame captured at ``capture``, starting ``now``.
+
+        ``backlog`` holds the capture times of the frames pending behind it in the same stream
+        (arrival order). ``degrade`` uses it to keep up: it prefers the largest budget at which
+        this frame *and* every frame behind it would still meet their deadlines if all ran at
+        that budget back to back; when no budget achieves that, the largest at which this frame
+        alone meets its deadline; when none does, it drops the frame."""
         deadline = self.frame_deadline_for(capture)
         full = self.full_budget
         if self.overload in ("fifo", "latest_only"):
@@ -128,14 +136,28 @@ class Scheduler:
         if slack < 0:
             return Decision("drop", deadline, None, f"would start {-1000 * slack:.1f} ms after its deadline")
         candidates = [full] if self.overload == "drop_late" else list(reversed(self.budgets))
+        fits_head = []
         for b in candidates:
             pred = self.costs.predict_frame(b)
             if pred is None or pred <= slack + TIME_EPS:
-                reason = "" if b == full else f"degraded to {b} tokens (predicted {1000 * (pred or 0):.1f} ms, slack {1000 * slack:.1f} ms)"
-                return Decision("run", deadline, b, reason, pred)
-        pred = self.costs.predict_frame(candidates[-1]) or 0.0
-        return Decision("drop", deadline, None,
-                        f"predicted {1000 * pred:.1f} ms at budget {candidates[-1]} exceeds slack {1000 * slack:.1f} ms")
+                fits_head.append((b, pred))
+        if not fits_head:
+            pred = self.costs.predict_frame(candidates[-1]) or 0.0
+            return Decision("drop", deadline, None,
+                            f"predicted {1000 * pred:.1f} ms at budget {candidates[-1]} exceeds slack {1000 * slack:.1f} ms")
+        choice = fits_head[0]
+        if self.overload == "degrade" and backlog:
+            for b, pred in fits_head:
+                cost = pred or 0.0
+                if all(now + (i + 2) * cost <= self.frame_deadline_for(c) + TIME_EPS for i, c in enumerate(backlog)):
+                    choice = (b, pred)
+                    break
+            else:
+                choice = fits_head[-1]          # cannot save everyone: cheapest bucket, shed load
+        b, pred = choice
+        reason = "" if b == full else (f"degraded to {b} tokens (predicted {1000 * (pred or 0):.1f} ms, slack "
+                                       f"{1000 * slack:.1f} ms, {len(backlog or [])} frames behind)")
+        return Decision("run", deadline, b, reason, pred)
 
     @staticmethod
     def overrunning_stage(stage_s: dict[str, float], predicted: dict[str, float], start: float,
