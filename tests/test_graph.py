@@ -224,7 +224,7 @@ def node_dicts(draw):
             body = {"op": op, "input": draw(ref)} if draw(st.booleans()) else {"op": op}
         elif op == "topk_saliency":
             body = {"op": op, "input": draw(ref), "tokens_per_frame": draw(st.integers(1, 80))}
-        elif op == "none":
+        elif op in ("none", "pool"):
             body = {"op": op, "input": draw(ref)}
         elif op == "full":
             body = {"op": op, "capacity_tokens": draw(st.integers(1, 200))}

@@ -240,7 +240,7 @@ def test_top_level_not_mapping():
 def test_unknown_op():
     err = parse_error(edit("op: topk_saliency", "op: topk"))
     assert_at(err, 7, 17, "nodes.pruner.op", "unknown op 'topk' (allowed: decoder, full, none, "
-              "sink_window, topk_saliency, vision_encoder)")
+              "pool, sink_window, topk_saliency, vision_encoder)")
     err = parse_error(edit("op: vision_encoder", "op: [vision_encoder]"))
     assert_at(err, 6, 17, "nodes.encoder.op", "unknown op a list (allowed: decoder")
 

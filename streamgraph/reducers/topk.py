@@ -33,12 +33,19 @@ class TopKSaliency(nn.Module):
         return kept, keep_mask, idx
 
 
-def build_reducer(op: str, params: dict) -> nn.Module | None:
+def build_reducer(op: str, params: dict, *, grid: tuple[int, int] | None = None) -> nn.Module | None:
     """Torch module for a reducer op, or ``None`` for the identity reducer ``none``.
 
-    Raises KeyError for an op that is not a reducer."""
+    ``grid`` is the (rows, cols) token grid of the reducer's input (needed by ``pool``).
+    Raises KeyError for an op that is not a reducer, ValueError for ``pool`` without a grid."""
     if op == "none":
         return None
     if op == "topk_saliency":
         return TopKSaliency(int(params["tokens_per_frame"]))
+    if op == "pool":
+        from streamgraph.reducers.pool import BilinearPool2x
+
+        if grid is None:
+            raise ValueError("reducer 'pool' needs the token grid of its input")
+        return BilinearPool2x(tuple(grid))
     raise KeyError(f"not a reducer op: {op!r}")
