@@ -96,6 +96,9 @@ class Plan:
     memory: MemoryPlan
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    encoder_grid: list[int] | None = None  # [rows, cols] of the N encoder tokens
+    resample: str = "ffmpeg_bilinear"      # frame resize of the runtime (runtime.preprocess)
+    rescale_factor: float = 1.0 / 255.0    # pixel scale before normalisation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,7 +159,7 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
     every part.
     """
     v, x = cfg.vision, cfg.text
-    b, n, k, c = batch, v.num_patches, tokens_per_frame, x.hidden_size
+    b, n, k, c = batch, cfg.encoder_tokens, tokens_per_frame, x.hidden_size
     cap = cache_capacity(cache["op"], cache["params"])
     t_max = max(k, prefill_chunk_tokens)
     kv_shape = [x.num_hidden_layers, 2, b, x.num_key_value_heads, cap, x.head_dim]
@@ -211,4 +214,5 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
         vocab_size=x.vocab_size, reducer=reducer, cache={**cache, "capacity": cap},
         chunk_max=t_max, prefill_chunk_tokens=prefill_chunk_tokens, max_new_tokens=max_new_tokens,
         kv=KVPlan(kv_shape, dtype, kv_bytes), engines=engines, memory=memory,
-        image_mean=list(cfg.image_mean), image_std=list(cfg.image_std))
+        image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
+        encoder_grid=list(cfg.encoder_grid), resample=cfg.resample, rescale_factor=cfg.rescale_factor)
