@@ -55,11 +55,8 @@ def write_random_checkpoint(path: str | Path, *, vision: dict, text: dict, speci
     ``chat_template.jinja`` (transformers 5), ``chat_template.json`` (processor style) or
     ``tokenizer_config.json`` (embedded). Raises ImportError without transformers."""
     import torch
-    import transformers
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              PreTrainedTokenizerFast, Qwen2Config, SiglipVisionConfig)
-
-    from streamgraph.models.tokenizer import byte_level_tokenizer
+    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config,
+                              SiglipVisionConfig)
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -85,6 +82,24 @@ def write_random_checkpoint(path: str | Path, *, vision: dict, text: dict, speci
     if return_model and save_dtype != torch.float32:
         model = model.float()
 
+    write_aux_files(path, image_size=v.image_size, special_ids=special_ids, image_mean=image_mean,
+                    image_std=image_std, resample=resample, template_file=template_file)
+    return model if return_model else None
+
+
+def write_aux_files(path: str | Path, *, image_size: int, special_ids: dict[str, int],
+                    image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), resample: int = 3,
+                    template_file: str = "chat_template.jinja") -> None:
+    """Write everything but ``config.json`` and the weights: tokenizer files (byte-level, with
+    ``special_ids``), the LLaVA-OneVision chat template (in ``template_file``),
+    ``preprocessor_config.json`` and ``video_preprocessor_config.json`` for ``image_size`` px
+    frames. Raises ValueError for an unknown ``template_file``."""
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    from streamgraph.models.tokenizer import byte_level_tokenizer
+
+    path = Path(path)
     tok = PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(special_ids), eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>")
     tok.chat_template = LLAVA_ONEVISION_CHAT_TEMPLATE if template_file != "chat_template.json" else None
@@ -104,7 +119,7 @@ def write_random_checkpoint(path: str | Path, *, vision: dict, text: dict, speci
         raise ValueError(f"unknown template_file {template_file!r}")
     tc_path.write_text(json.dumps(tc, indent=2))
 
-    size = {"height": v.image_size, "width": v.image_size}
+    size = {"height": image_size, "width": image_size}
     transformers.LlavaOnevisionImageProcessorPil(
         size=size, image_mean=list(image_mean), image_std=list(image_std), resample=resample,
     ).save_pretrained(path)
@@ -114,4 +129,3 @@ def write_random_checkpoint(path: str | Path, *, vision: dict, text: dict, speci
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(image_mean),
         "image_std": list(image_std), "do_convert_rgb": True, "do_sample_frames": False,
     }, indent=2))
-    return model if return_model else None
