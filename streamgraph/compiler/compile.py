@@ -74,7 +74,7 @@ def check_graph(path: str | Path, build_weights: bool = True) -> CheckedGraph:
     return CheckedGraph(spec, pipeline, cfg, plan, model, reducer_module)
 
 
-def _hf_assets(spec, model, out: Path) -> dict:
+def _hf_assets(spec, out: Path) -> dict:
     """Bundle files of an ``hf`` model: the checkpoint's ``tokenizer.json``, LLaVA-OneVision's
     ``image_newline`` embedding (``image_newline.npy``, model dtype, shape ``[C]``) and the
     prompt format rendered from its chat template (:func:`streamgraph.models.hf.prompt_format`).
@@ -83,13 +83,14 @@ def _hf_assets(spec, model, out: Path) -> dict:
     import numpy as np
 
     from streamgraph.models.build import hf_checkpoint
-    from streamgraph.models.hf import prompt_format
+    from streamgraph.models.build import TORCH_DTYPES
+    from streamgraph.models.hf import prompt_format, read_tensor
 
     ckpt = hf_checkpoint(spec)
     shutil.copyfile(ckpt.tokenizer_file, out / "tokenizer.json")
     fmt = prompt_format(ckpt)
     stop = fmt.pop("stop_token_ids")
-    newline = model.image_newline.detach().cpu().numpy()
+    newline = read_tensor(ckpt, "image_newline").to(TORCH_DTYPES[spec.model.dtype]).numpy()
     np.save(out / "image_newline.npy", newline)
     return {"system": None, "tokenizer": "tokenizer.json", "format": fmt, "stop_token_ids": stop,
             "video_end_embedding": "image_newline.npy", "video_token": ckpt.video_token,
@@ -132,10 +133,16 @@ def compile_graph(path: str | Path, out_dir: str | Path | None = None, force: bo
     from streamgraph.models.build import save_weights, weights_fingerprint
     from streamgraph.models.tokenizer import save_byte_level_tokenizer
 
+    from streamgraph.models.build import build_model
+
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r} (allowed: {', '.join(TARGETS)})")
-    checked = check_graph(path)
+    # plan on the meta device; a checkpoint's weights are read only if the bundle is rebuilt
+    # (its lock key hashes the checkpoint files), a preset's random weights are cheap
+    checked = check_graph(path, build_weights=False)
     spec, plan = checked.spec, checked.plan
+    if spec.model.hf is None:
+        checked.model = build_model(spec)
     out = Path(out_dir) if out_dir is not None else Path("build") / spec.name
     tools = _tool_versions()
     wsha, ckpt_files = weights_fingerprint(spec, checked.model)
@@ -151,6 +158,8 @@ def compile_graph(path: str | Path, out_dir: str | Path | None = None, force: bo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        if spec.model.hf is not None and target == "onnx":
+            checked.model = build_model(spec)
         if target == "onnx":
             lower_all(checked.model, checked.reducer_module, plan, tmp, progress=progress)
         model_info = {"config": checked.cfg.to_dict(), "weights_sha256": wsha, "source": spec.model.model_dump()}
@@ -159,7 +168,7 @@ def compile_graph(path: str | Path, out_dir: str | Path | None = None, force: bo
             save_byte_level_tokenizer(tmp / "tokenizer.json")
             prompt = {"system": SYSTEM_PROMPT, "tokenizer": "tokenizer.json"}
         else:
-            prompt = _hf_assets(spec, checked.model, tmp)
+            prompt = _hf_assets(spec, tmp)
             model_info["checkpoint"] = {"path": str(spec.resolve_path(spec.model.hf)), "files": ckpt_files}
         manifest = {
             "format": FORMAT_VERSION,

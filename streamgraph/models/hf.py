@@ -56,7 +56,7 @@ from streamgraph.models.config import TextConfig, VisionConfig, VLMConfig
 
 __all__ = [
     "CheckpointError", "PickleWeightsError", "UnsupportedModelError", "SUPPORTED", "Checkpoint",
-    "open_checkpoint", "map_weight_name", "load_model", "checkpoint_sha256", "prompt_format",
+    "open_checkpoint", "map_weight_name", "load_model", "read_tensor", "checkpoint_sha256", "prompt_format",
     "render_chat_template",
 ]
 
@@ -345,7 +345,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     top = dict(_OV_DEFAULTS, **{k: v for k, v in config.items() if v is not None})
     image_id = int(config.get("image_token_index", config.get("image_token_id", top["image_token_index"])))
     video_id = int(config.get("video_token_index", config.get("video_token_id", top["video_token_index"])))
-    video_token = tok_cfg.get("video_token") or "<video>"
+    extra = tok_cfg.get("extra_special_tokens")
+    video_token = (tok_cfg.get("video_token") or (extra.get("video_token") if isinstance(extra, dict) else None)
+                   or "<video>")
     files += wnames + [pre_file, "tokenizer.json", template_file]
     files += [n for n in ("tokenizer_config.json", "generation_config.json") if (root / n).is_file()]
     ckpt = Checkpoint(root, config, cfg, weights, root / "tokenizer.json", tok_cfg, template, template_file,
@@ -471,6 +473,23 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", device: str = "cpu"):
     emb.position_ids = torch.arange(cfg.vision.num_patches)[None]
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     return model.eval()
+
+
+def read_tensor(ckpt: Checkpoint, name: str):
+    """The one checkpoint tensor whose streamgraph name (:func:`map_weight_name`) is ``name``,
+    as stored (CPU ``torch.Tensor``), without loading anything else. Raises CheckpointError
+    if it is absent."""
+    from safetensors import safe_open
+
+    for file in ckpt.weight_files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                try:
+                    if map_weight_name(key) == name:
+                        return f.get_tensor(key)
+                except KeyError:
+                    continue
+    raise ckpt.error(f"tensor {name!r} missing from the weights")
 
 
 def checkpoint_sha256(ckpt: Checkpoint) -> dict[str, str]:
