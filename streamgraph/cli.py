@@ -29,7 +29,7 @@ def _is_graph_file(p: Path) -> bool:
 def cmd_validate(args) -> int:
     from streamgraph.compiler.compile import check_graph
 
-    g = check_graph(args.graph)
+    g = check_graph(args.graph, build_weights=False)   # meta device: shapes and bytes, no weights
     plan = g.plan
     _console().print(
         f"ok: {args.graph}: graph '{g.spec.name}' — {len(g.spec.nodes)} nodes, "
@@ -99,7 +99,7 @@ def cmd_inspect(args) -> int:
     if path.is_file() and _is_graph_file(path):
         from streamgraph.compiler.compile import check_graph
 
-        g = check_graph(path)
+        g = check_graph(path, build_weights=False)
         console.print(f"graph {g.spec.name} (not compiled): plan below")
 
         class _Shim:  # present a plan like a bundle for printing
@@ -154,7 +154,10 @@ def cmd_run(args) -> int:
     for video_path in videos:                       # one session (own KV buffer) per stream
         session = Session.open(bundle_dir, args.backend, clock=shared_clock, overload=args.overload)
         fps = args.fps or session.bundle.manifest["stream"]["fps"]
-        src = sources.video(video_path, fps=fps, size=tuple(session.plan.image_size), max_frames=args.max_frames)
+        # FFmpeg resizes while decoding for the presets; checkpoints get their own processor's
+        # antialiased resize in the session's preprocessing, from the native frame size
+        size = tuple(session.plan.image_size) if session.plan.resample == "ffmpeg_bilinear" else None
+        src = sources.video(video_path, fps=fps, size=size, max_frames=args.max_frames)
         session.calibrate()
         sessions.append(session)
         streams.append((session, src))

@@ -248,7 +248,7 @@ def node_dicts(draw):
             body = {"op": op, "input": draw(ref)} if draw(st.booleans()) else {"op": op}
         elif "tokens_per_frame" in ops.OPS[op].params.model_fields:
             body = {"op": op, "input": draw(ref), "tokens_per_frame": draw(budgets())}
-        elif op == "none":
+        elif op in ("none", "pool"):
             body = {"op": op, "input": draw(ref)}
         elif op == "full":
             body = {"op": op, "capacity_tokens": draw(st.integers(1, 200))}

@@ -9,7 +9,12 @@ from streamgraph.errors import BackendUnavailableError
 
 
 class TorchBackend(Backend):
-    """Runs the bundle's model eagerly in float32 on the CPU."""
+    """Runs the bundle's model eagerly on the CPU, in the plan's dtype.
+
+    Weights come from the bundle's ``weights.safetensors`` (presets) or, for a Hugging Face
+    checkpoint (whose weights the bundle does not copy), from the checkpoint directory recorded
+    in the manifest, after checking every file against the sha256 recorded at compile time
+    (:class:`~streamgraph.errors.BundleError` if the checkpoint moved or changed)."""
 
     name = "torch"
 
@@ -23,8 +28,15 @@ class TorchBackend(Backend):
         from streamgraph.models.config import VLMConfig
 
         self.torch = torch
+        if threads:
+            torch.set_num_threads(threads)
+        dtype = bundle.plan.kv.dtype
         cfg = VLMConfig.from_dict(bundle.manifest["model"]["config"])
-        model = load_model(cfg, bundle.path / "weights.safetensors")
+        ckpt_info = bundle.manifest["model"].get("checkpoint")
+        if ckpt_info is not None:
+            model = _load_checkpoint(ckpt_info, dtype)
+        else:
+            model = load_model(cfg, bundle.path / "weights.safetensors", dtype)
         self.modules = plan_engine_modules(model, bundle.plan)
         if "reducer" in bundle.plan.engines:  # bundle from before budget buckets
             self.modules["reducer"] = next(m for n, m in self.modules.items() if n.startswith("reducer_k"))
@@ -40,3 +52,18 @@ class TorchBackend(Backend):
         if isinstance(out, torch.Tensor):
             out = (out,)
         return {n: o.numpy() for n, o in zip(self.output_names[engine], out)}
+
+
+def _load_checkpoint(info: dict, dtype: str):
+    """The model of a checkpoint directory whose files still match ``info["files"]``."""
+    from streamgraph.errors import BundleError
+    from streamgraph.models.hf import CheckpointError, checkpoint_sha256, load_model, open_checkpoint
+
+    try:
+        ckpt = open_checkpoint(info["path"])
+        if checkpoint_sha256(ckpt) != info["files"]:
+            raise BundleError(f"{info['path']}: the checkpoint's files changed since the bundle was "
+                              f"compiled; recompile it")
+        return load_model(ckpt, dtype=dtype)
+    except CheckpointError as e:
+        raise BundleError(f"the torch backend reads the bundle's checkpoint, which is unusable: {e}") from None

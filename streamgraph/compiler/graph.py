@@ -76,11 +76,14 @@ class PipelineGraph:
         return [self.encoder] + ([self.reducer] if self.reducer else []) + [self.decoder]
 
 
-def build_graph(spec: GraphSpec, *, encoder_tokens: int, hidden_size: int) -> PipelineGraph:
+def build_graph(spec: GraphSpec, *, encoder_tokens: int, hidden_size: int,
+                encoder_grid: tuple[int, int] | None = None) -> PipelineGraph:
     """Build and check the DAG of ``spec`` and infer its static shapes.
 
     ``encoder_tokens`` is N, the visual tokens per frame the encoder emits, and
     ``hidden_size`` is C, the decoder width; the caller derives both from the model.
+    ``encoder_grid`` (rows, cols), when given, is the raster grid of those N tokens (needed by
+    grid-aware reducers such as ``pool``).
 
     Raises :class:`GraphError` (located at the offending node or field) for a reference
     to an undefined node, a cycle, not exactly one decoder, a port-type mismatch, a
@@ -99,7 +102,8 @@ def build_graph(spec: GraphSpec, *, encoder_tokens: int, hidden_size: int) -> Pi
     checker.check_dangling(decoder)
     encoder, reducers, cache = checker.check_chain(decoder)
 
-    ctx = ShapeContext(encoder_tokens=encoder_tokens, hidden_size=hidden_size)
+    ctx = ShapeContext(encoder_tokens=encoder_tokens, hidden_size=hidden_size,
+                       encoder_grid=tuple(encoder_grid) if encoder_grid is not None else None)
     shapes: dict[str, TokenShape] = {}
     shape: TokenShape | None = None
     for name in [encoder, *reducers]:

@@ -3,6 +3,11 @@
 The legacy TorchScript exporter traces Python branches and masks as constants; the dynamo
 exporter captures the graph with ``torch.export`` and keeps the chunk axis ``T`` symbolic.
 Every engine is checked with ``onnx.checker`` after export.
+
+A protobuf message cannot exceed 2 GiB, so an engine whose weights exceed
+:data:`EXTERNAL_DATA_MIN_BYTES` (1 GiB) is written in ONNX's external-data format: the graph
+in ``engines/<name>.onnx`` and its weights in ``engines/<name>.onnx.data`` beside it (ONNX
+Runtime loads both; the bundle hashes both).
 """
 from __future__ import annotations
 
@@ -17,17 +22,21 @@ import torch
 from streamgraph.compiler.plan import EnginePlan, Plan
 
 OPSET = 18
+#: Engines with more weight bytes than this are exported with external data (see module doc).
+EXTERNAL_DATA_MIN_BYTES = 1 << 30
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
 
 
 def unique_param_bytes(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
     """Bytes of the distinct parameters/buffers of ``module`` (tied tensors counted once),
-    skipping names starting with any prefix in ``skip``."""
+    skipping names starting with any prefix in ``skip``. Works on ``meta`` tensors (planning
+    without weights), where tied tensors are recognised by identity."""
     seen, total = set(), 0
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if any(name.startswith(s) for s in skip) or t.data_ptr() in seen:
+        key = id(t) if t.is_meta else t.data_ptr()
+        if any(name.startswith(s) for s in skip) or key in seen:
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total
 
@@ -93,11 +102,13 @@ def _example(spec_shape: list, dtype: str, t: int, name: str) -> torch.Tensor:
 
 
 def export_engine(module: torch.nn.Module, engine: EnginePlan, out_dir: Path, opset: int = OPSET,
-                  verbose: bool = False) -> Path:
+                  verbose: bool = False, external_data: bool | None = None) -> Path:
     """Export ``module`` to ``out_dir / engine.file`` with the plan's I/O names and shapes.
 
     The symbolic axis ``T`` becomes a ``torch.export.Dim`` bounded by ``engine.dims['T']``.
-    Raises RuntimeError (with the exporter's message) when export fails."""
+    ``external_data`` (default: ``engine.weights_bytes > EXTERNAL_DATA_MIN_BYTES``) stores the
+    weights in ``<file>.data``. Raises RuntimeError (with the exporter's message) when export
+    fails."""
     import onnx
 
     t_min, t_max = engine.dims.get("T", [1, 1])
@@ -110,6 +121,7 @@ def export_engine(module: torch.nn.Module, engine: EnginePlan, out_dir: Path, op
         dyn = {s.name: ({i: tdim for i, d in enumerate(s.shape) if d == "T"} or None) for s in engine.inputs}
     path = out_dir / engine.file
     path.parent.mkdir(parents=True, exist_ok=True)
+    external = engine.weights_bytes > EXTERNAL_DATA_MIN_BYTES if external_data is None else external_data
     sink = io.StringIO()
     ctx = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
     for name in ("torch.onnx", "onnx_ir", "onnxscript"):
@@ -119,7 +131,7 @@ def export_engine(module: torch.nn.Module, engine: EnginePlan, out_dir: Path, op
         torch.onnx.export(module.eval(), args, str(path), dynamo=True, opset_version=opset,
                           input_names=[s.name for s in engine.inputs],
                           output_names=[s.name for s in engine.outputs],
-                          dynamic_shapes=dyn, external_data=False, verbose=False)
+                          dynamic_shapes=dyn, external_data=external, verbose=False)
     onnx.checker.check_model(str(path))
     return path
 

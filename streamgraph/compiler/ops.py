@@ -40,7 +40,7 @@ __all__ = [
     "NodeBase", "NodeRef", "TokenBudget", "budget_values", "SOURCES", "OPS", "register", "get_op", "op_names", "producers",
     "VisionEncoderNode", "TopkSaliencyNode", "NoneNode", "FullNode", "SinkWindowNode",
     "DecoderNode", "CacheContext", "cache_regions", "StreamingVLMNode", "RekvNode",
-    "CarrierNode",
+    "CarrierNode", "PoolNode",
 ]
 
 
@@ -78,10 +78,12 @@ class Port:
 
 @dataclass(frozen=True)
 class TokenShape:
-    """Static shape of per-frame visual tokens: ``n`` tokens of ``c`` channels."""
+    """Static shape of per-frame visual tokens: ``n`` tokens of ``c`` channels; ``grid``
+    (rows, cols) when the tokens still form a raster grid (``rows * cols == n``)."""
 
     n: int
     c: int
+    grid: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class ShapeContext:
 
     encoder_tokens: int  # N: visual tokens per frame the encoder emits
     hidden_size: int  # C: decoder width (after the projector)
+    encoder_grid: tuple[int, int] | None = None  # (rows, cols) of the encoder's tokens
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,10 @@ class VisionEncoderNode(NodeBase):
 
 def _encoder_shape(params: VisionEncoderNode, inp: TokenShape | None,
                    ctx: ShapeContext) -> TokenShape:
-    return TokenShape(ctx.encoder_tokens, ctx.hidden_size)
+    grid = ctx.encoder_grid
+    if grid is not None and grid[0] * grid[1] != ctx.encoder_tokens:
+        grid = None
+    return TokenShape(ctx.encoder_tokens, ctx.hidden_size, grid)
 
 
 register(OpInfo("vision_encoder", "encoder", VisionEncoderNode,
@@ -320,6 +326,34 @@ def _identity_shape(params: Any, inp: TokenShape | None, ctx: ShapeContext) -> T
 register(OpInfo("none", "reducer", NoneNode,
                 inputs=(Port("input", PortType.VISUAL_TOKENS),),
                 output=PortType.VISUAL_TOKENS, infer_shape=_identity_shape))
+
+
+class PoolNode(NodeBase):
+    """Token merger: LLaVA-OneVision's 2x2 bilinear pooling of each frame's token grid
+    (h x w -> ceil(h/2) x ceil(w/2) tokens; a fixed budget, every token kept)."""
+
+    op: Literal["pool"]
+    input: NodeRef
+    """Node producing a frame's full token grid (the encoder)."""
+
+
+def _pool_shape(params: PoolNode, inp: TokenShape | None, ctx: ShapeContext) -> TokenShape:
+    """K = ceil(h/2) * ceil(w/2) (transformers' ``LlavaOnevisionModel.apply_pooling``);
+    ``source_index`` is the top-left source token of each output's bilinear footprint (see
+    :mod:`streamgraph.reducers.pool`)."""
+    assert inp is not None
+    if inp.grid is None:
+        raise ShapeError("input", f"pool needs a raster grid of visual tokens, but its input "
+                         f"({inp.n} tokens per frame) has none; put pool directly after the "
+                         f"encoder")
+    h, w = inp.grid
+    oh, ow = -(-h // 2), -(-w // 2)
+    return TokenShape(oh * ow, inp.c, (oh, ow))
+
+
+register(OpInfo("pool", "reducer", PoolNode,
+                inputs=(Port("input", PortType.VISUAL_TOKENS),),
+                output=PortType.VISUAL_TOKENS, infer_shape=_pool_shape))
 
 
 # --------------------------------------------------------------------------- cache policies

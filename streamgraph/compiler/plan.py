@@ -111,6 +111,9 @@ class Plan:
         if "reducer" in self.engines:
             return "reducer"
         return f"reducer_k{budget}"
+    encoder_grid: list[int] | None = None  # [rows, cols] of the N encoder tokens
+    resample: str = "ffmpeg_bilinear"      # frame resize of the runtime (runtime.preprocess)
+    rescale_factor: float = 1.0 / 255.0    # pixel scale before normalisation
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -217,7 +220,7 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
     from streamgraph.compiler.ops import CacheContext, ShapeError
 
     v, x = cfg.vision, cfg.text
-    b, n, k, c = batch, v.num_patches, tokens_per_frame, x.hidden_size
+    b, n, k, c = batch, cfg.encoder_tokens, tokens_per_frame, x.hidden_size
     budgets = sorted(budgets) if budgets else [k]
     try:
         layout = cache_layout(cache["op"], cache["params"],
@@ -291,4 +294,5 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
         chunk_max=t_max, prefill_chunk_tokens=prefill_chunk_tokens, max_new_tokens=max_new_tokens,
         kv=KVPlan(kv_shape, dtype, kv_bytes), engines=engines, memory=memory,
         image_mean=list(cfg.image_mean), image_std=list(cfg.image_std),
-        budgets=budgets if reducer is not None else [k], encoder=encoder)
+        budgets=budgets if reducer is not None else [k], encoder=encoder,
+        encoder_grid=list(cfg.encoder_grid), resample=cfg.resample, rescale_factor=cfg.rescale_factor)

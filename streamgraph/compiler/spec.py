@@ -88,8 +88,9 @@ class ModelSpec(_Section):
     relative path is relative to the graph file."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
     """Seed of the random weights of a preset."""
-    dtype: Literal["float32"] = "float32"
-    """Weight and activation dtype."""
+    dtype: Literal["float32", "float16"] = "float32"
+    """Weight and activation dtype of the engines and the KV cache (softmax, norms and
+    logits are computed in float32 either way)."""
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "ModelSpec":

@@ -1,7 +1,9 @@
-"""Build the torch model a graph's ``model:`` section names, with deterministic weights."""
+"""Build the torch model a graph's ``model:`` section names: a seeded random preset or a local
+Hugging Face checkpoint (:mod:`streamgraph.models.hf`)."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -11,11 +13,44 @@ from streamgraph.errors import SpecError
 from streamgraph.models.config import PRESETS, VLMConfig
 from streamgraph.models.vlm import StreamingVLM, init_random_
 
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_CKPT_CACHE: dict = {}
+
+
+def hf_checkpoint(spec):
+    """The :class:`~streamgraph.models.hf.Checkpoint` of a graph with ``model: {hf: DIR}``
+    (``DIR`` relative to the graph file), read once per directory state.
+
+    Raises the loader's :class:`~streamgraph.models.hf.CheckpointError` subclass with the
+    message prefixed by the graph file's ``FILE:LINE:COL: model.hf:``."""
+    from streamgraph.models.hf import CheckpointError, open_checkpoint
+
+    path = spec.resolve_path(spec.model.hf)
+    try:
+        stamp = tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir()))
+    except OSError:
+        stamp = None
+    key = (str(path), stamp)
+    if stamp is not None and key in _CKPT_CACHE:
+        return _CKPT_CACHE[key]
+    try:
+        ckpt = open_checkpoint(path)
+    except CheckpointError as e:
+        line, col = spec.locate(("model", "hf")) or (None, None)
+        where = spec.source_file + (f":{line}:{col}" if line is not None else "")
+        raise type(e)(f"{where}: model.hf: {e}") from None
+    _CKPT_CACHE.clear()
+    _CKPT_CACHE[key] = ckpt
+    return ckpt
+
 
 def model_config(spec) -> VLMConfig:
     """Model config of a :class:`~streamgraph.compiler.spec.GraphSpec`.
 
-    Raises SpecError (located at ``model``) for an unsupported source or frame size."""
+    For ``hf`` models the encoder input size is the checkpoint's (its preprocessor config);
+    ``stream.frame_size``, when given, must equal it. Raises SpecError (located at
+    ``stream.frame_size``) for a frame size the model cannot take, and the loader's
+    CheckpointError (located at ``model.hf``) for a bad checkpoint."""
     m = spec.model
     if m.preset in PRESETS:
         try:
@@ -23,15 +58,48 @@ def model_config(spec) -> VLMConfig:
         except ValueError as e:
             line, col = spec.locate(("stream", "frame_size")) or (None, None)
             raise SpecError(str(e), file=spec.source_file, line=line, col=col, field="stream.frame_size") from None
-    line, col = spec.locate(("model",)) or (None, None)
-    raise SpecError("Hugging Face checkpoints (model.hf) are not supported yet; use a preset (tiny, small)",
-                    file=spec.source_file, line=line, col=col, field="model.hf")
+    ckpt = hf_checkpoint(spec)
+    cfg = ckpt.cfg
+    if "frame_size" in spec.stream.model_fields_set and tuple(spec.stream.frame_size) != cfg.vision.image_size:
+        h, w = cfg.vision.image_size
+        line, col = spec.locate(("stream", "frame_size")) or (None, None)
+        raise SpecError(f"the checkpoint's vision tower takes {h}x{w} frames ({ckpt.preprocessor_file}); "
+                        f"set frame_size: [{h}, {w}] or leave it out", file=spec.source_file, line=line,
+                        col=col, field="stream.frame_size")
+    return cfg
 
 
-def build_model(spec) -> StreamingVLM:
-    """Construct the model in eval mode with seeded random weights (``model.seed``)."""
+def build_model(spec, device: str = "cpu") -> StreamingVLM:
+    """Construct the model in eval mode, in ``model.dtype``.
+
+    Presets get seeded random weights (``model.seed``); ``hf`` models the checkpoint's weights.
+    ``device="meta"`` builds the exact parameter shapes and dtypes without weights or memory
+    (for planning; an ``hf`` checkpoint's tensor names and shapes are still checked from the
+    safetensors headers)."""
     cfg = model_config(spec)
-    return init_random_(StreamingVLM(cfg), spec.model.seed).eval()
+    dtype = spec.model.dtype
+    if spec.model.hf is not None:
+        from streamgraph.models.hf import load_model as load_hf
+
+        return load_hf(hf_checkpoint(spec), dtype=dtype, device=device)
+    if device == "meta":
+        with torch.device("meta"):
+            return StreamingVLM(cfg).to(TORCH_DTYPES[dtype]).eval()
+    return init_random_(StreamingVLM(cfg), spec.model.seed).to(TORCH_DTYPES[dtype]).eval()
+
+
+def weights_fingerprint(spec, model: torch.nn.Module) -> tuple[str, dict | None]:
+    """``(sha256, per-file hashes)`` identifying a graph's weights for the lock key: for a
+    preset the hash of its tensors (:func:`weights_sha256`, per-file ``None``); for an ``hf``
+    model the hash of every checkpoint file streamgraph reads (weights, config, tokenizer,
+    template, preprocessor), without loading any tensor."""
+    if spec.model.hf is None:
+        return weights_sha256(model), None
+    from streamgraph.models.hf import checkpoint_sha256
+
+    files = checkpoint_sha256(hf_checkpoint(spec))
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return digest, files
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -52,9 +120,10 @@ def save_weights(model: StreamingVLM, path: str | Path) -> None:
     save_file(sd, str(path))
 
 
-def load_model(cfg: VLMConfig, path: str | Path) -> StreamingVLM:
-    """Rebuild a model from its config and a safetensors file written by :func:`save_weights`."""
-    model = StreamingVLM(cfg)
+def load_model(cfg: VLMConfig, path: str | Path, dtype: str = "float32") -> StreamingVLM:
+    """Rebuild a model from its config and a safetensors file written by :func:`save_weights`,
+    in ``dtype``."""
+    model = StreamingVLM(cfg).to(TORCH_DTYPES[dtype])
     sd = load_file(str(path))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.text.tie_word_embeddings)]

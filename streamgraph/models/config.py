@@ -23,6 +23,16 @@ class VisionConfig:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     layer_norm_eps: float = 1e-6
+    feature_layers: tuple[int, ...] = (-1,)
+    """Indices into the tower's hidden states (0 = patch embeddings, i = output of layer i,
+    negative counts from the end, as transformers' ``vision_feature_layer``); several are
+    concatenated along channels. Only the layers up to the deepest one are built."""
+
+    @property
+    def layers_used(self) -> int:
+        """Encoder layers actually computed: the deepest layer :attr:`feature_layers` reads."""
+        n = self.num_hidden_layers
+        return max(i if i >= 0 else n + 1 + i for i in self.feature_layers)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -61,20 +71,54 @@ class VLMConfig:
     projector_hidden_act: str = "gelu"
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    projector_bias: bool = True
+    """Whether the projector's two linears have biases (``multimodal_projector_bias``)."""
+    video_pooling: str | None = None
+    """``"bilinear_2x"``: LLaVA-OneVision's video path, a bilinear resize of each frame's
+    projected patch grid to ``ceil(h/2) x ceil(w/2)`` inside the encoder engine; ``None``: the
+    encoder emits every patch."""
+    image_newline: bool = False
+    """Whether the model has LLaVA-OneVision's ``image_newline`` embedding (appended once
+    after a video's frames)."""
+    resample: str = "ffmpeg_bilinear"
+    """Frame resize of the runtime (:func:`streamgraph.runtime.preprocess.resize_rgb`):
+    ``ffmpeg_bilinear``, ``bilinear_aa`` or ``bicubic_aa``."""
+    rescale_factor: float = 1.0 / 255.0
+    """Pixel scale applied before normalisation."""
+
+    @property
+    def encoder_grid(self) -> tuple[int, int]:
+        """Token grid (rows, cols) of one frame at the encoder engine's output."""
+        r, c = self.vision.grid
+        if self.video_pooling == "bilinear_2x":
+            return -(-r // 2), -(-c // 2)
+        return r, c
+
+    @property
+    def encoder_tokens(self) -> int:
+        """Visual tokens per frame at the encoder engine's output (N)."""
+        r, c = self.encoder_grid
+        return r * c
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "VLMConfig":
+        """Inverse of :meth:`to_dict`; fields missing from older manifests take defaults."""
         v = dict(d["vision"])
         v["image_size"] = tuple(v["image_size"])
+        if "feature_layers" in v:
+            v["feature_layers"] = tuple(v["feature_layers"])
+        extra = {k: d[k] for k in ("projector_bias", "video_pooling", "image_newline", "resample",
+                                   "rescale_factor") if k in d}
         return cls(
             vision=VisionConfig(**v),
             text=TextConfig(**d["text"]),
             projector_hidden_act=d["projector_hidden_act"],
             image_mean=tuple(d["image_mean"]),
             image_std=tuple(d["image_std"]),
+            **extra,
         )
 
 

@@ -27,14 +27,25 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable, chars)}
 
 
-def byte_level_tokenizer() -> Tokenizer:
-    """Tokenizer with ids 0..255 = bytes and 256.. = :data:`SPECIAL_TOKENS`."""
+def byte_level_tokenizer(special_ids: dict[str, int] | None = None) -> Tokenizer:
+    """Tokenizer with ids 0..255 = bytes and 256.. = :data:`SPECIAL_TOKENS`.
+
+    ``special_ids`` instead places the given special tokens at the given ids (each >= 256,
+    distinct), e.g. Qwen2's ``{"<|im_end|>": 151645, ...}``, so a random-weight checkpoint can
+    use a real checkpoint's special-token ids. Raises ValueError for a bad id."""
     table = _bytes_to_unicode()
     vocab = {table[b]: b for b in range(256)}
+    specials = list(SPECIAL_TOKENS)
+    if special_ids is not None:
+        ids = list(special_ids.values())
+        if len(set(ids)) != len(ids) or min(ids, default=256) < 256:
+            raise ValueError(f"special token ids must be distinct and >= 256, got {special_ids}")
+        vocab.update(special_ids)
+        specials = list(special_ids)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.add_special_tokens(specials)
     return tok
 
 

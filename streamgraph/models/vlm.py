@@ -86,31 +86,40 @@ class SiglipEmbeddings(nn.Module):
 class SiglipEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        # only the layers whose output is used (cfg.feature_layers) are built and run
+        self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(cfg.layers_used))
 
 
 class SiglipVisionTower(nn.Module):
-    """ViT trunk; returns the last encoder layer's hidden states (no post-layernorm)."""
+    """ViT trunk; returns the hidden states ``cfg.feature_layers`` select (no post-layernorm),
+    concatenated along channels: ``[B, N, Cv * len(feature_layers)]``. The default
+    ``(-1,)`` is the last encoder layer, as LLaVA-OneVision's ``vision_feature_layer=-1``."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.embeddings = SiglipEmbeddings(cfg)
         self.encoder = SiglipEncoder(cfg)
+        n = cfg.num_hidden_layers
+        self.feature_index = [i if i >= 0 else n + 1 + i for i in cfg.feature_layers]
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         x = self.embeddings(pixel_values)
+        hidden = [x]                                  # hidden[i]: output of layer i (0: embeddings)
         for layer in self.encoder.layers:
             x = layer(x)
-        return x
+            hidden.append(x)
+        if len(self.feature_index) == 1:
+            return hidden[self.feature_index[0]]
+        return torch.cat([hidden[i] for i in self.feature_index], dim=-1)
 
 
 class MultiModalProjector(nn.Module):
     """LLaVA 2-layer MLP projector: Linear(Cv, C) -> GELU -> Linear(C, C)."""
 
-    def __init__(self, vision_hidden: int, text_hidden: int, act: str = "gelu"):
+    def __init__(self, vision_hidden: int, text_hidden: int, act: str = "gelu", bias: bool = True):
         super().__init__()
-        self.linear_1 = nn.Linear(vision_hidden, text_hidden)
-        self.linear_2 = nn.Linear(text_hidden, text_hidden)
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
@@ -119,16 +128,28 @@ class MultiModalProjector(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """Engine ``vision_encoder``: ``pixel_values [B,3,H,W]`` (normalised, float32) ->
-    ``visual_tokens [B,N,C]`` with N = (H/patch)·(W/patch) and C the decoder width."""
+    """Engine ``vision_encoder``: ``pixel_values [B,3,H,W]`` (normalised, model dtype) ->
+    ``visual_tokens [B,N,C]`` with C the decoder width and N = (H/patch)·(W/patch), or, with
+    ``pool_grid`` (LLaVA-OneVision's video path, ``video_pooling="bilinear_2x"``), the
+    projected tokens bilinearly pooled to ``ceil(H/patch/2)·ceil(W/patch/2)``
+    (:func:`streamgraph.reducers.pool.bilinear_pool_2x`) — per frame exactly the features
+    transformers' ``LlavaOnevisionModel.get_video_features`` computes, before it appends
+    ``image_newline``."""
 
-    def __init__(self, vision_tower: SiglipVisionTower, projector: MultiModalProjector):
+    def __init__(self, vision_tower: SiglipVisionTower, projector: MultiModalProjector,
+                 pool_grid: tuple[int, int] | None = None):
         super().__init__()
         self.vision_tower = vision_tower
         self.multi_modal_projector = projector
+        self.pool_grid = pool_grid
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.multi_modal_projector(self.vision_tower(pixel_values))
+        x = self.multi_modal_projector(self.vision_tower(pixel_values))
+        if self.pool_grid is not None:
+            from streamgraph.reducers.pool import bilinear_pool_2x
+
+            x = bilinear_pool_2x(x, self.pool_grid)
+        return x
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -305,15 +326,20 @@ class StreamingVLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = SiglipVisionTower(cfg.vision)
-        self.multi_modal_projector = MultiModalProjector(cfg.vision.hidden_size, cfg.text.hidden_size,
-                                                         cfg.projector_hidden_act)
+        self.multi_modal_projector = MultiModalProjector(
+            cfg.vision.hidden_size * len(cfg.vision.feature_layers), cfg.text.hidden_size,
+            cfg.projector_hidden_act, bias=cfg.projector_bias)
         self.language_model = Qwen2Model(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         if cfg.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
+        if cfg.image_newline:
+            # LLaVA-OneVision's learned embedding appended once after a video's frames
+            self.image_newline = nn.Parameter(torch.zeros(cfg.text.hidden_size))
 
     def vision_encoder(self) -> VisionEncoder:
-        return VisionEncoder(self.vision_tower, self.multi_modal_projector)
+        pool = self.cfg.vision.grid if self.cfg.video_pooling == "bilinear_2x" else None
+        return VisionEncoder(self.vision_tower, self.multi_modal_projector, pool)
 
     def token_embedding(self) -> TokenEmbedding:
         return TokenEmbedding(self.language_model.embed_tokens)

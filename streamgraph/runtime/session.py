@@ -10,6 +10,14 @@ Token stream of a session (ChatML, as Qwen2 chat models use)::
 
 Every chunk goes through the same ``decoder_step`` engine; the cache policy plans slots and
 positions, and the runtime writes ``new_kv`` into the one static KV buffer.
+
+Bundles of Hugging Face checkpoints carry their own prompt format in the manifest
+(``prompt.format``: ``prefix``, ``before_question``, ``after_question``, ``after_answer``, rendered
+from the checkpoint's chat template at compile time), their stop token ids
+(``prompt.stop_token_ids``) and, for LLaVA-OneVision, an embedding that closes the video
+(``prompt.video_end_embedding``: ``image_newline``, prefilled once after the frames of a user
+turn, right before the question, as transformers places it after a video's frames). The
+ChatML strings above are the defaults for bundles without them.
 """
 from __future__ import annotations
 
@@ -69,9 +77,24 @@ class Session(StreamBase):
         self.trace_enabled = trace
         self.trace: list[dict] = []
         self._answer_open = False
-        self._stop_ids = {self.tokenizer.token_to_id(IM_END), self.tokenizer.token_to_id(ENDOFTEXT)}
-        system = bundle.manifest["prompt"]["system"]
-        self._prefill_text(f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{VISION_START}", "prefix")
+        prompt = bundle.manifest["prompt"]
+        system = prompt.get("system")
+        self._format = {"prefix": f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{VISION_START}",
+                        "before_question": f"{VISION_END}\n",
+                        "after_question": f"{IM_END}\n{IM_START}assistant\n",
+                        "after_answer": f"{IM_END}\n{IM_START}user\n{VISION_START}",
+                        **prompt.get("format", {})}
+        stop = prompt.get("stop_token_ids") or [self.tokenizer.token_to_id(IM_END),
+                                                 self.tokenizer.token_to_id(ENDOFTEXT)]
+        self._stop_ids = {i for i in stop if i is not None}
+        video_end = prompt.get("video_end_embedding")
+        self._video_end = None
+        if video_end:
+            emb = np.load(bundle.path / video_end, allow_pickle=False)
+            self._video_end = np.ascontiguousarray(emb.reshape(1, 1, -1))
+        self._segment_frames = 0          # frames prefilled since the last question
+        self._pixel_dtype = np.dtype(self.plan.engines["vision_encoder"].inputs[0].dtype)
+        self._prefill_text(self._format["prefix"], "prefix")
 
     @classmethod
     def open(cls, bundle_dir: str | Path, backend: str = "onnxruntime", *, clock: Clock | None = None,
@@ -124,7 +147,11 @@ class Session(StreamBase):
         return logits
 
     def _prefill_text(self, text: str, kind: str) -> np.ndarray:
-        return self._prefill_ids(self.tokenizer.encode(text).ids, kind)
+        return self._prefill_ids(self._encode(text), kind)
+
+    def _encode(self, text: str) -> list[int]:
+        # the prompt is tokenized piece by piece: never add BOS/EOS around a piece
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     # ------------------------------------------------------------------ frames
     @property
@@ -187,7 +214,8 @@ class Session(StreamBase):
         ``commit=False`` the decoder step runs but nothing is written to the KV cache."""
         stage_s: dict[str, float] = {}
         t0 = time.perf_counter()
-        pixels = preprocess_frame(image, self.plan.image_size, self.plan.image_mean, self.plan.image_std)
+        pixels = preprocess_frame(image, self.plan.image_size, self.plan.image_mean, self.plan.image_std,
+                                  self.plan.resample, self.plan.rescale_factor).astype(self._pixel_dtype, copy=False)
         t1 = time.perf_counter()
         stage_s["preprocess"] = t1 - t0
         tokens, mode = self.encoder_stage.run(pixels)
@@ -201,6 +229,7 @@ class Session(StreamBase):
         if reduced.n_valid and commit:
             chunk, n_chunk, offsets = self.policy.prepare_frame(reduced.tokens, reduced.n_valid, reduced.offsets)
             self._decoder_step(chunk, n_chunk, "frame", offsets)
+            self._segment_frames += 1
         elif reduced.n_valid:
             self._decoder_step(reduced.tokens, reduced.n_valid, "frame", commit=False)
         stage_s["prefill"] = time.perf_counter() - t2
@@ -219,11 +248,15 @@ class Session(StreamBase):
         self.clock.wait_until(asked)
         rec = QuestionRecord(text=question, asked_at=asked, deadline=asked + self.scheduler.ttft)
         self.questions.append(rec)
-        ids = self.tokenizer.encode(f"{VISION_END}\n{question}{IM_END}\n{IM_START}assistant\n").ids
+        fmt = self._format
+        ids = self._encode(f"{fmt['before_question']}{question}{fmt['after_question']}")
         rec.prompt_tokens = len(ids)
         self._answer_open = True
         self._answer_ids: list[int] = []
         t0 = time.perf_counter()
+        if self._video_end is not None and self._segment_frames:
+            self._decoder_step(self._video_end, 1, "video_end")
+        self._segment_frames = 0
         self.policy.prepare_question(lambda: self._prefill_text(question, "retrieval"))
         logits = self._prefill_ids(ids, "question")
         token = int(np.argmax(logits))
@@ -260,7 +293,7 @@ class Session(StreamBase):
             return
         self._answer_open = False
         last = self._answer_ids[-1:] if self._answer_ids else []
-        tail = self.tokenizer.encode(f"{IM_END}\n{IM_START}user\n{VISION_START}").ids
+        tail = self._encode(self._format["after_answer"])
         t0 = time.perf_counter()
         self._prefill_ids(last + tail, "resume")
         self.clock.spend(time.perf_counter() - t0)
