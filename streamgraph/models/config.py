@@ -1,10 +1,12 @@
 """Dataclass configs of the model family streamgraph compiles (torch-free).
 
-The architecture is LLaVA-OneVision's: a SigLIP-style ViT (last encoder layer, no
-post-layernorm, as ``vision_feature_layer=-1`` selects in transformers' LlavaOnevision), a
-2-layer GELU MLP projector, and a Qwen2-style decoder (RMSNorm, GQA, RoPE, SwiGLU MLP, q/k/v
-bias). Field names follow the Hugging Face configs so a checkpoint's ``config.json`` maps
-one-to-one.
+The architecture is LLaVA-OneVision's: a SigLIP-style ViT (the hidden states
+``feature_layers`` selects — by default the last encoder layer — with no post-layernorm, as
+``vision_feature_layer`` selects in transformers' LlavaOnevision), a 2-layer GELU MLP
+projector, optionally LLaVA-OneVision's 2x2 bilinear video pooling (``video_pooling``), and a
+Qwen2-style decoder (RMSNorm, GQA, RoPE, SwiGLU MLP, q/k/v bias). Field names follow the
+Hugging Face configs so a checkpoint's ``config.json`` maps one-to-one
+(:mod:`streamgraph.models.hf`).
 """
 from __future__ import annotations
 

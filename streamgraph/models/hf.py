@@ -130,7 +130,9 @@ class Checkpoint:
     generation_config: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
 
-    def error(self, message: str, cls: type[CheckpointError] = None) -> CheckpointError:
+    def error(self, message: str, cls: type[CheckpointError] | None = None) -> CheckpointError:
+        """A ``cls`` (default :class:`CheckpointError`) for ``message``, prefixed with the
+        directory; the caller raises it."""
         return (cls or CheckpointError)(f"{self.path}: {message}")
 
 

@@ -2,8 +2,9 @@
 
 Three engines come out of these modules:
 
-* :class:`VisionEncoder` — ``pixel_values [B,3,H,W] float32`` -> ``visual_tokens [B,N,C]``
-  (SigLIP-style ViT, last layer, then the 2-layer MLP projector into the decoder width C).
+* :class:`VisionEncoder` — ``pixel_values [B,3,H,W]`` -> ``visual_tokens [B,N,C]``
+  (SigLIP-style ViT at the configured feature layer, the 2-layer MLP projector into the
+  decoder width C, and for LLaVA-OneVision checkpoints the 2x2 bilinear video pooling).
 * :class:`TokenEmbedding` — ``input_ids [B,T] int64`` -> ``inputs_embeds [B,T,C]``.
 * :class:`DecoderStep` — one prefill chunk or decode step over the static KV buffer of
   DESIGN.md: keys are cached un-rotated and RoPE is applied inside the step to the cached
