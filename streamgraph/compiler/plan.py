@@ -133,15 +133,6 @@ class Plan:
         return cls(**d)
 
 
-def cache_capacity(op: str, params: dict) -> int:
-    """Slots S of a cache policy node (``full``: capacity_tokens; ``sink_window``: sink+window)."""
-    if op == "full":
-        return int(params["capacity_tokens"])
-    if op == "sink_window":
-        return int(params["sink_tokens"]) + int(params["window_tokens"])
-    raise KeyError(f"not a cache policy op: {op!r}")
-
-
 def cache_layout(op: str, params: dict, ctx, cfg, batch: int = 1, dtype: str = "float32") -> dict:
     """The cache policy's part of the plan: ``capacity`` (slots S), ``regions`` (list of
     ``{"name", "start", "slots", "bytes"}`` in slot order; bytes of the KV buffer each region
