@@ -102,9 +102,9 @@ def cmd_inspect(args) -> int:
         g = check_graph(path, build_weights=False)
         console.print(f"graph {g.spec.name} (not compiled): plan below")
 
-        class _Shim:  # present a plan like a bundle for printing
-            name, plan = g.spec.name, g.plan
-        _print_plan(_Shim, console)
+        from types import SimpleNamespace
+
+        _print_plan(SimpleNamespace(name=g.spec.name, plan=g.plan), console)
         return 0
     bundle = Bundle.load(path)
     if args.json:

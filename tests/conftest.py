@@ -1,7 +1,6 @@
 """Shared fixtures: graph files written from a template, bundles compiled once per session."""
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest

@@ -197,7 +197,7 @@ def test_streaming_vlm_matches_brute_force(tmp_path):
        data=st.data())
 def test_streaming_vlm_retains_reference_set_with_gapless_positions(sink, tw, nf, k, data):
     pol = StreamingVLMCache(sink, tw, nf, k)
-    kinds, seqs = [], []                          # per token ever written: "text"/frame id
+    kinds = []                                    # per token ever written: "text"/frame id
     n_frames = 0
     for _ in range(data.draw(st.integers(1, 25))):
         is_frame = data.draw(st.booleans())

@@ -61,7 +61,9 @@ class Session(StreamBase):
         self.plan = bundle.plan
         self.backend = backend
         slo = bundle.manifest["slo"]
-        self.budgets = list(self.plan.budgets or [self.plan.tokens_per_frame])
+        self.encoder_stage = EncoderStage(self.plan, backend)
+        self.reducer_stage = ReducerStage(self.plan, backend)
+        self.budgets = self.reducer_stage.budgets          # ascending token-budget buckets
         StreamBase.__init__(self, Scheduler(overload or slo["overload"], slo["frame_deadline_ms"], slo["ttft_ms"],
                                             budgets=self.budgets), clock or SimulatedClock())
         self.tokenizer = Tokenizer.from_file(str(bundle.path / bundle.manifest["prompt"]["tokenizer"]))
@@ -71,8 +73,6 @@ class Session(StreamBase):
         cache = self.plan.cache
         self.policy: CachePolicy = make_policy(cache["op"], cache["params"], self.plan)
         self.policy.attach(self.kv)
-        self.encoder_stage = EncoderStage(self.plan, backend)
-        self.reducer_stage = ReducerStage(self.plan, backend)
         self.last_hidden: np.ndarray | None = None
         self.trace_enabled = trace
         self.trace: list[dict] = []
@@ -180,8 +180,6 @@ class Session(StreamBase):
         """Measure every stage at every budget bucket on a blank frame, without touching the
         KV cache or the encoder/reducer state, and seed the scheduler's cost model with the
         median (seconds). The first run per bucket is a warm-up and is discarded."""
-        from streamgraph.runtime.reduction import EncoderStage, ReducerStage
-
         h, w = self.plan.image_size
         image = np.zeros((h, w, 3), dtype=np.uint8)
         live = self.encoder_stage, self.reducer_stage
