@@ -1,4 +1,4 @@
-"""``streamgraph validate | compile | inspect | run | schema``.
+"""``streamgraph validate | compile | inspect | run | eval | make-suite | schema``.
 
 Every user error ends in one line ``error: ...`` on stderr naming the problem and where,
 and a non-zero exit (1 for bad input, 2 for bad usage, 3 for an internal error).
@@ -142,7 +142,14 @@ def cmd_run(args) -> int:
         bundle_dir = _compile(str(target), None, False, console).path
     else:
         bundle_dir = target
-    videos = [Path(v) for v in args.video] if args.video else [sources.sample_clip()]
+    demo = None
+    if args.video:
+        videos = [Path(v) for v in args.video]
+    else:                                           # the shipped StreamQA episode and its questions
+        from streamgraph.streamqa.suite import load_suite
+
+        demo = load_suite(sources.streamqa_demo())
+        videos = [demo.path / demo.items[0].video]
     if args.at is not None and args.ask is None:
         raise StreamgraphError("--at needs --ask TEXT")
     if args.at is not None and args.at < 0:
@@ -164,13 +171,25 @@ def cmd_run(args) -> int:
         console.print(f"stream {len(sessions) - 1}: {video_path} at {fps:g} fps through {session.bundle.name} "
                       f"({session.backend.name}, overload={session.scheduler.overload}, "
                       f"deadline {session.scheduler.frame_deadline * 1000:.0f} ms, budgets {session.budgets})")
+        model = session.bundle.manifest.get("graph", {}).get("model") or {}
+        if model.get("preset") and len(sessions) == 1:
+            console.print(f"note: model preset {model['preset']!r} has random weights (seed {model.get('seed', 0)}): "
+                          f"shapes, memory and latency are real, the answers are not meaningful")
     if args.realtime:
         wall = WallClock()                          # stream time starts after calibration
         for session in sessions:
             session.clock = wall
     console.print("real time: frames delivered at their capture times" if args.realtime else
                   "as fast as possible, deadlines in stream time" + (", EDF across streams" if len(sessions) > 1 else ""))
-    questions = [Question(at=args.at or 0.0, text=args.ask)] if args.ask else []
+    truth: dict[int, str] = {}
+    if args.ask:
+        questions = [Question(at=args.at or 0.0, text=args.ask)]
+    elif demo is not None:
+        questions = [Question(at=it.ask_time, text=it.question) for it in demo.items]
+        truth = {id(q): it.answer for q, it in zip(questions, demo.items)}
+    else:
+        questions = []
+    scored: list[bool] = []
     counts = {"run": 0, "drop": 0, "miss": 0}
     progress = Progress(TextColumn("[bold]frames"), BarColumn(), TextColumn("{task.description}"),
                         TimeElapsedColumn(), console=console, disable=not console.is_terminal or args.verbose)
@@ -187,7 +206,14 @@ def cmd_run(args) -> int:
 
     def on_answer(q, rec) -> None:
         progress.console.print(f"[bold]Q @ {rec.asked_at:.1f}s:[/bold] {q.text}")
-        progress.console.print(f"[bold]A:[/bold] {q.answer!r}  (TTFT {rec.ttft_ms:.1f} ms, {rec.new_tokens} tokens)")
+        line = f"[bold]A:[/bold] {q.answer!r}  (TTFT {rec.ttft_ms:.1f} ms, {rec.new_tokens} tokens)"
+        if id(q) in truth:
+            from streamgraph.streamqa.suite import normalize_answer
+
+            ok = normalize_answer(q.answer) == normalize_answer(truth[id(q)])
+            scored.append(ok)
+            line += f"  truth: {truth[id(q)]!r} " + ("[green]correct[/green]" if ok else "[red]wrong[/red]")
+        progress.console.print(line)
 
     error: BaseException | None = None
     runner = StreamRunner(streams, questions=questions, speed=args.speed, on_frame=on_frame, on_answer=on_answer)
@@ -198,6 +224,8 @@ def cmd_run(args) -> int:
                 pass
         except (KeyboardInterrupt, StreamgraphError) as e:  # keep what was measured
             error = e
+    if scored:
+        console.print(f"answers: {sum(scored)}/{len(scored)} correct (exact match against the episode's scene state)")
     for i, session in enumerate(sessions):
         report = session.report()
         report.summary["max_queue"] = runner.max_queue[i]
@@ -236,6 +264,112 @@ def _print_summary(report, console) -> None:
     console.print(t)
 
 
+def _csv(text: str | None, cast=str) -> list | None:
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if cast is int and "/" in part:          # a bucket list: 4/8/16
+            out.append([int(x) for x in part.split("/")])
+            continue
+        try:
+            out.append(cast(part))
+        except ValueError:
+            raise StreamgraphError(f"cannot read {part!r} as {cast.__name__}") from None
+    return out
+
+
+def cmd_eval(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from streamgraph.streamqa import evaluate as ev
+    from streamgraph.streamqa.suite import load_suite
+
+    console = _console()
+    variants = []
+    suite_dir = args.suite
+    if args.sweep:
+        sweep, sv, _ = ev.expand_sweep(args.sweep)
+        variants += sv
+        if suite_dir is None and sweep.get("suite"):
+            suite_dir = str(Path(args.sweep).parent / sweep["suite"])
+    axes = {k: v for k, v in (("reducer", _csv(args.reducer)), ("budget", _csv(args.budget, int)),
+                              ("cache", _csv(args.cache)), ("overload", _csv(args.overload)),
+                              ("load", [args.load] if args.load is not None else None)) if v}
+    for graph in args.graphs:
+        base = ev.base_document(graph)
+        if axes:
+            variants += ev.expand_axes(base, axes)
+        else:
+            v = ev.Variant(base.get("name", Path(graph).stem), base, None, {})
+            variants.append(v)
+    if not variants:
+        raise StreamgraphError("nothing to evaluate: give graph files and/or --sweep FILE")
+    if suite_dir is None:
+        raise StreamgraphError("--suite DIR is required (or a sweep file with suite:)")
+    if args.load is not None and not args.load > 0:
+        raise StreamgraphError(f"--load must be > 0, got {args.load}")
+    suite = load_suite(suite_dir)
+    out = Path(args.out)
+    console.print(f"suite {suite.name}: {len(suite.items)} questions over {len(suite.videos())} videos; "
+                  f"{len(variants)} graph variant(s) -> {out}")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, disable=not console.is_terminal)
+    tasks = {}
+
+    def on_event(kind, data):
+        if kind == "start":
+            tasks["cur"] = progress.add_task(f"[{data['index'] + 1}/{data['total']}] {data['name']}", total=None)
+        elif kind == "progress":
+            progress.update(tasks["cur"], completed=data["done"], total=data["total"])
+        elif kind == "done":
+            progress.console.print(f"{data['name']}: {100 * data['accuracy']:.1f}% of {data['n']} "
+                                   f"({data['seconds']:.0f} s)")
+        elif kind == "error":
+            progress.console.print(f"[red]{data['name']}: failed: {data['error']}[/red]")
+
+    interrupted = False
+    with progress:
+        try:
+            results = ev.run_variants(variants, suite, out, build_root=args.build_dir, backend=args.backend,
+                                      on_event=on_event)
+        except KeyboardInterrupt:
+            interrupted = True
+            results = json.loads((out / "results.json").read_text())["results"]
+    from rich.console import Console
+
+    wide = console if console.is_terminal else Console(highlight=False, width=200)
+    wide.print(ev.results_table(results, title=f"StreamQA: {suite.name}"))
+    plots = ev.plot_results(results, out)
+    console.print(f"results: {out / 'results.json'}" + "".join(f", {p}" for p in plots))
+    if interrupted:
+        print("error: interrupted; the results so far are saved", file=sys.stderr)
+        return 130
+    return 1 if any("error" in r for r in results) and args.strict else 0
+
+
+def cmd_make_suite(args) -> int:
+    from streamgraph.streamqa.scene import EpisodeParams
+    from streamgraph.streamqa.suite import write_suite
+
+    if args.episodes < 1:
+        raise StreamgraphError(f"--episodes must be >= 1, got {args.episodes}")
+    if args.first_seed < 0:
+        raise StreamgraphError(f"--first-seed must be >= 0, got {args.first_seed}")
+    params = EpisodeParams(min_frames=args.min_frames, max_frames=args.max_frames)
+    seeds = range(args.first_seed, args.first_seed + args.episodes)
+    path = write_suite(args.directory, seeds, params, name=args.name)
+    from streamgraph.streamqa.suite import load_suite
+
+    suite = load_suite(path)
+    _console().print(f"wrote {path}: {len(suite.items)} questions over {len(suite.videos())} videos "
+                     f"(seeds {seeds.start}..{seeds.stop - 1})")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamgraph", description=__doc__.splitlines()[0])
@@ -260,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="stream a video through a bundle (or graph, compiled on the fly)")
     r.add_argument("target", help="graph .yaml or bundle directory")
     r.add_argument("--video", action="append",
-                   help="video file (default: the sample clip shipped with streamgraph); repeat for several "
+                   help="video file (default: the StreamQA demo episode shipped with streamgraph, whose questions "
+                        "are asked with their true answers); repeat for several "
                         "streams sharing one executor, earliest deadline first")
     r.add_argument("--fps", type=float, help="sampling fps (default: the graph's stream.fps)")
     r.add_argument("--ask", help="question to ask about the stream")
@@ -276,6 +411,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deliver frames at their capture times (default: as fast as possible, deadlines in stream time)")
     r.add_argument("-v", "--verbose", action="store_true", help="print one line per frame")
     r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="answer a StreamQA-format suite through the runtime and score each graph")
+    e.add_argument("graphs", nargs="*", help="graph .yaml files (each expanded over the axis options below)")
+    e.add_argument("--suite", help="suite directory (suite.json + items.jsonl + videos)")
+    e.add_argument("--sweep", help="sweep file: a base graph and groups of axes (see docs/accuracy.md)")
+    e.add_argument("--reducer", help="comma-separated reducers to sweep (none, topk_saliency, dtd, ...)")
+    e.add_argument("--budget", help="comma-separated token budgets; 4/8/16 is one bucket list")
+    e.add_argument("--cache", help="comma-separated cache policies (with their default parameters)")
+    e.add_argument("--overload", help="comma-separated overload policies")
+    e.add_argument("--load", type=float, help="replay at this multiple of the measured capacity (e.g. 2)")
+    e.add_argument("--out", default="out/eval", help="results directory (results.json, plots, items/)")
+    e.add_argument("--build-dir", default="build", help="where variant bundles are compiled")
+    e.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    e.add_argument("--strict", action="store_true", help="exit 1 if any variant failed")
+    e.set_defaults(func=cmd_eval)
+
+    m = sub.add_parser("make-suite", help="generate a StreamQA suite (videos + questions) from seeds")
+    m.add_argument("directory")
+    m.add_argument("--first-seed", type=int, default=1_000_000_000,
+                   help="first episode seed (evaluation seeds are >= 1e9; training draws from [0, 1e9))")
+    m.add_argument("--episodes", type=int, default=130)
+    m.add_argument("--min-frames", type=int, default=6)
+    m.add_argument("--max-frames", type=int, default=12)
+    m.add_argument("--name", help="suite name (default: the directory name)")
+    m.set_defaults(func=cmd_make_suite)
 
     s = sub.add_parser("schema", help="print the JSON Schema of graph files")
     s.add_argument("-o", "--output")

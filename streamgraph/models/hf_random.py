@@ -89,18 +89,18 @@ def write_random_checkpoint(path: str | Path, *, vision: dict, text: dict, speci
 
 def write_aux_files(path: str | Path, *, image_size: int, special_ids: dict[str, int],
                     image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), resample: int = 3,
-                    template_file: str = "chat_template.jinja") -> None:
+                    template_file: str = "chat_template.jinja", tokenizer=None) -> None:
     """Write everything but ``config.json`` and the weights: tokenizer files (byte-level, with
-    ``special_ids``), the LLaVA-OneVision chat template (in ``template_file``),
-    ``preprocessor_config.json`` and ``video_preprocessor_config.json`` for ``image_size`` px
-    frames. Raises ValueError for an unknown ``template_file``."""
+    ``special_ids``, or the given ``tokenizers.Tokenizer``), the LLaVA-OneVision chat template
+    (in ``template_file``), ``preprocessor_config.json`` and ``video_preprocessor_config.json``
+    for ``image_size`` px frames. Raises ValueError for an unknown ``template_file``."""
     import transformers
     from transformers import PreTrainedTokenizerFast
 
     from streamgraph.models.tokenizer import byte_level_tokenizer
 
     path = Path(path)
-    tok = PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(special_ids), eos_token="<|im_end|>",
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer or byte_level_tokenizer(special_ids), eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>")
     tok.chat_template = LLAVA_ONEVISION_CHAT_TEMPLATE if template_file != "chat_template.json" else None
     tok.save_pretrained(path)

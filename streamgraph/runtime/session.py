@@ -77,6 +77,8 @@ class Session(StreamBase):
         self.trace_enabled = trace
         self.trace: list[dict] = []
         self._answer_open = False
+        self._answer_ids: list[int] = []
+        self._unfed_ids: list[int] = []
         prompt = bundle.manifest["prompt"]
         system = prompt.get("system")
         self._format = {"prefix": f"{IM_START}system\n{system}{IM_END}\n{IM_START}user\n{VISION_START}",
@@ -262,10 +264,12 @@ class Session(StreamBase):
         rec.ttft_ms = 1000.0 * (self.clock.now() - asked)      # from arrival: waiting included
         rec.ttft_met = self.clock.now() <= rec.deadline
         text_so_far = ""
+        self._unfed_ids = []          # answer tokens decoded but not yet run through the decoder
         while True:
             if token in self._stop_ids:
                 break
             self._answer_ids.append(token)
+            self._unfed_ids = [token]
             rec.new_tokens = len(self._answer_ids)
             full = self.tokenizer.decode(self._answer_ids)
             piece, text_so_far = full[len(text_so_far):], full
@@ -277,6 +281,7 @@ class Session(StreamBase):
             t0 = time.perf_counter()
             embeds = self.backend.run("embed_tokens", {"input_ids": np.asarray([[token]], dtype=np.int64)})["inputs_embeds"]
             logits = self._decoder_step(embeds, 1, "decode")
+            self._unfed_ids = []
             token = int(np.argmax(logits))
             dt = time.perf_counter() - t0
             self.clock.spend(dt)
@@ -285,12 +290,14 @@ class Session(StreamBase):
         self._close_answer()
 
     def _close_answer(self) -> None:
-        """Write the end of the assistant turn (the last answer token + turn markers) into the
-        cache so frames continue in a new user turn."""
+        """Write the end of the assistant turn into the cache so frames continue in a new user
+        turn: the last answer token if it was never run (the answer stopped at
+        ``max_new_tokens``), then ``after_answer`` (which starts with the end-of-turn token).
+        An answer that ended on a stop token has all its tokens in the cache already."""
         if not self._answer_open:
             return
         self._answer_open = False
-        last = self._answer_ids[-1:] if self._answer_ids else []
+        last = self._unfed_ids
         tail = self._encode(self._format["after_answer"])
         t0 = time.perf_counter()
         self._prefill_ids(last + tail, "resume")

@@ -28,6 +28,7 @@ from streamgraph.errors import SourceError
 
 __all__ = [
     "EPS",
+    "streamqa_demo",
     "Frame",
     "GridSampler",
     "SyntheticSource",
@@ -497,4 +498,20 @@ def sample_clip() -> Path:
             f"{res}: the bundled sample clip is missing (package data not installed); "
             "pass a video path"
         )
+    return res
+
+
+def streamqa_demo() -> Path:
+    """Directory of the StreamQA demo suite shipped inside the package: one episode
+    (``videos/*.mp4``, 48x48 px at 2 fps) with its questions and answers (``items.jsonl``),
+    in the suite format of :mod:`streamgraph.streamqa.suite`. ``streamgraph run`` streams it
+    by default and asks its questions.
+
+    Raises:
+        SourceError: the demo suite is not installed as files on disk.
+    """
+    res = resources.files("streamgraph").joinpath("data", "streamqa_demo")
+    if not isinstance(res, Path) or not (res / "suite.json").is_file():
+        raise SourceError(f"{res}: the bundled StreamQA demo is missing (package data not installed); "
+                          "pass a video path")
     return res
