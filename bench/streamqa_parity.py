@@ -43,7 +43,9 @@ def main(argv=None) -> int:
         write_suite(suite_dir, range(args.first_seed, args.first_seed + args.episodes), name="streamqa-eval")
     suite = load_suite(suite_dir)
     res = compile_graph(args.graph)
-    ckpt = res.bundle.manifest["graph"]["model"]["hf"]
+    ckpt = Path(res.bundle.manifest["graph"]["model"]["hf"])
+    if not ckpt.is_absolute():                  # relative to the graph file, as the compiler reads it
+        ckpt = Path(args.graph).resolve().parent / ckpt
     t0 = time.perf_counter()
     items: list[dict] = []
     ort = evaluate_bundle(res.bundle.path, suite, items_out=items)

@@ -298,6 +298,7 @@ def cmd_eval(args) -> int:
             suite_dir = str(Path(args.sweep).parent / sweep["suite"])
     axes = {k: v for k, v in (("reducer", _csv(args.reducer)), ("budget", _csv(args.budget, int)),
                               ("cache", _csv(args.cache)), ("overload", _csv(args.overload)),
+                              ("deadline", _csv(args.deadline, float)),
                               ("load", [args.load] if args.load is not None else None)) if v}
     for graph in args.graphs:
         base = ev.base_document(graph)
@@ -420,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budget", help="comma-separated token budgets; 4/8/16 is one bucket list")
     e.add_argument("--cache", help="comma-separated cache policies (with their default parameters)")
     e.add_argument("--overload", help="comma-separated overload policies")
+    e.add_argument("--deadline", help="comma-separated frame deadlines (ms) to sweep (slo.frame_deadline_ms)")
     e.add_argument("--load", type=float, help="replay at this multiple of the measured capacity (e.g. 2)")
     e.add_argument("--out", default="out/eval", help="results directory (results.json, plots, items/)")
     e.add_argument("--build-dir", default="build", help="where variant bundles are compiled")

@@ -21,8 +21,10 @@ question times, frame deadlines and TTFT deadlines divided by the same ``speed``
 stream, offered at X times what the executor can do, with the SLO unchanged in frame periods.
 
 **Sweeps** expand one graph into variants (:func:`expand_sweep`): a sweep file lists groups of
-axes (``reducer``, ``budget``, ``cache``, ``overload``, ``load``); each group is a cross
-product. A variant that fails to compile is reported and the sweep goes on; Ctrl-C keeps every
+axes (``reducer``, ``budget``, ``cache``, ``overload``, ``deadline`` in ms, ``load``); each
+group is a cross product. In overload mode the deadline keeps its meaning in frame periods, so
+it must exceed one frame's cost at that load (e.g. 4 frame periods at 2x) or every frame is
+late before it starts. A variant that fails to compile is reported and the sweep goes on; Ctrl-C keeps every
 result measured so far (``results.json`` is rewritten after each variant).
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ from streamgraph.streamqa.suite import Suite, normalize_answer
 #: Evidence-age buckets (seconds): [lo, hi).
 AGE_BUCKETS = ((0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, 4.5), (4.5, math.inf))
 REDUCER_DEFAULTS: dict[str, dict] = {"dtd": {"positions": "compact"}}
+_AXES = ("reducer", "budget", "cache", "overload", "deadline", "load")
 
 
 class SweepError(StreamgraphError):
@@ -118,9 +121,10 @@ def _nodes_by_kind(doc: dict) -> tuple[str | None, str | None, str | None, str |
 
 def make_variant(base: dict, *, reducer: str | None = None, budget=None, cache: str | None = None,
                  cache_params: dict | None = None, overload: str | None = None, load: float | None = None,
-                 reducer_params: dict | None = None) -> Variant:
+                 reducer_params: dict | None = None, deadline: float | None = None) -> Variant:
     """A copy of graph document ``base`` with its reducer (``"none"`` removes it), token
-    budget (an int or a list of buckets), cache policy, and overload policy replaced.
+    budget (an int or a list of buckets), cache policy, overload policy and frame deadline
+    (``slo.frame_deadline_ms``) replaced.
     Raises SweepError when the base graph has no decoder/cache/encoder node to change."""
     doc = copy.deepcopy(base)
     nodes = doc.setdefault("nodes", {})
@@ -158,20 +162,22 @@ def make_variant(base: dict, *, reducer: str | None = None, budget=None, cache: 
     if overload is not None:
         axes["overload"] = overload
         doc.setdefault("slo", {})["overload"] = overload
+    if deadline is not None:
+        axes["deadline"] = deadline
+        doc.setdefault("slo", {})["frame_deadline_ms"] = deadline
     if load is not None:
         axes["load"] = load
     parts = []
-    for k in ("reducer", "budget", "cache", "overload", "load"):
+    for k in _AXES:
         if k in axes:
             v = axes[k]
             v = "-".join(str(x) for x in v) if isinstance(v, list) else v
-            parts.append(f"{v}x" if k == "load" else str(v))
+            parts.append(f"{v}x" if k == "load" else f"{v:g}ms" if k == "deadline" else str(v))
     name = "_".join(parts) or "base"
     doc["name"] = f"{base.get('name', 'graph')}--{name}"[:120]
     return Variant(name, doc, load, axes)
 
 
-_AXES = ("reducer", "budget", "cache", "overload", "load")
 
 
 def expand_sweep(path: str | Path) -> tuple[dict, list[Variant], dict]:
@@ -225,7 +231,7 @@ def expand_axes(base: dict, axes: dict, cache_params: dict | None = None,
         red = kw.get("reducer")
         out.append(make_variant(base, reducer=red, budget=kw.get("budget"), cache=cache,
                                 cache_params=(cache_params or {}).get(cache) if cache else None,
-                                overload=kw.get("overload"), load=kw.get("load"),
+                                overload=kw.get("overload"), load=kw.get("load"), deadline=kw.get("deadline"),
                                 reducer_params=(reducer_params or {}).get(red) if red else None))
     return out
 
@@ -263,11 +269,13 @@ def measure_capacity(bundle, backend) -> float:
 
 def evaluate_bundle(bundle_dir: str | Path, suite: Suite, *, load: float | None = None,
                     backend: str = "onnxruntime", progress: Callable[[int, int], None] | None = None,
-                    items_out: list | None = None) -> dict:
+                    items_out: list | None = None, capacity_fps: float | None = None) -> dict:
     """Run every episode of ``suite`` through the bundle at ``bundle_dir`` and score it.
 
     Returns the result dict (see the module docstring). ``items_out`` (a list) receives one
     dict per answered item as it happens, so an interrupted run keeps what it answered.
+    ``capacity_fps`` (overload mode) skips the capacity measurement, so variants that differ
+    only in their overload policy are offered exactly the same load.
     Raises BundleError/BackendUnavailableError for a bundle that cannot run, SourceError
     for a video that cannot be decoded."""
     from streamgraph.backends.base import open_backend
@@ -282,7 +290,7 @@ def evaluate_bundle(bundle_dir: str | Path, suite: Suite, *, load: float | None 
     fps = float(bundle.manifest["stream"]["fps"])
     speed, capacity = 1.0, None
     if load is not None:
-        capacity = measure_capacity(bundle, be)
+        capacity = capacity_fps or measure_capacity(bundle, be)
         speed = load * capacity / fps
     items = items_out if items_out is not None else []
     frames_all, ttfts = [], []
@@ -378,15 +386,21 @@ def run_variants(variants: list[Variant], suite: Suite, out: str | Path, *, buil
         _save_json(out / "results.json", {"meta": meta, "results": results})
 
     ev = on_event or (lambda kind, data: None)
+    capacities: dict[str, float] = {}       # engines -> capacity measured by the first overload variant
     for i, v in enumerate(variants):
         graph_file = write_variant(v, out / "variants")
         entry = {"name": v.name, "graph": str(graph_file), "axes": v.axes}
         ev("start", {"index": i, "total": len(variants), "name": v.name})
         items: list[dict] = []
+        engines = json.dumps({k: x for k, x in v.axes.items() if k not in ("overload", "deadline", "load")},
+                             sort_keys=True)
         try:
             res = compile_graph(graph_file, Path(build_root) / v.doc["name"])
             entry.update(evaluate_bundle(res.bundle.path, suite, load=v.load, backend=backend, items_out=items,
-                                         progress=lambda d, t: ev("progress", {"done": d, "total": t})))
+                                         progress=lambda d, t: ev("progress", {"done": d, "total": t}),
+                                         capacity_fps=capacities.get(engines) if v.load else None))
+            if v.load and entry.get("capacity_fps"):
+                capacities.setdefault(engines, entry["capacity_fps"])
             ev("done", entry)
         except KeyboardInterrupt:
             entry.update(partial=True, answered=len(items),

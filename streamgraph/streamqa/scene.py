@@ -78,6 +78,13 @@ class EpisodeParams:
     questions: int = 4
     families: tuple[str, ...] = FAMILIES
     noise: int = 6
+    family_weights: tuple[float, ...] | None = None
+    """Relative weight of each of ``families`` when a question's family is drawn (None: equal,
+    families not yet asked in the episode first). Training uses it to ask more of the hard
+    families; evaluation suites leave it None."""
+    appear_weight: int = 4
+    """Weight of the "appear" event among the possible events of a frame (others: disappear
+    2, move 2, recolour 3, none 2): higher gives busier scenes."""
 
     def __post_init__(self):
         if self.size % 8 or self.size < 16:
@@ -86,6 +93,11 @@ class EpisodeParams:
             raise ValueError(f"need 2 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
         if not self.fps > 0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
+        if self.family_weights is not None and (len(self.family_weights) != len(self.families)
+                                                or min(self.family_weights) < 0 or not sum(self.family_weights) > 0):
+            raise ValueError("family_weights needs one non-negative weight per family, not all zero")
+        if self.appear_weight < 0:
+            raise ValueError(f"appear_weight must be >= 0, got {self.appear_weight}")
         bad = [f for f in self.families if f not in FAMILIES]
         if bad or not self.families:
             raise ValueError(f"unknown question families {bad}; known: {', '.join(FAMILIES)}")
@@ -136,7 +148,7 @@ class Episode:
 
 
 # ----------------------------------------------------------------------------- scene
-def _evolve(rng: np.random.Generator, n_frames: int, size: int) -> list[tuple[Obj, ...]]:
+def _evolve(rng: np.random.Generator, n_frames: int, size: int, appear_weight: int = 4) -> list[tuple[Obj, ...]]:
     jit = max(1, size // 24)
 
     def new_obj(shape, colour, cell):
@@ -151,7 +163,7 @@ def _evolve(rng: np.random.Generator, n_frames: int, size: int) -> list[tuple[Ob
         absent = [s for s in SHAPES if all(o.shape != s for o in cur)]
         options = []
         if free_cells and absent:
-            options += ["appear"] * 4
+            options += ["appear"] * appear_weight
         if len(cur) > 1:
             options += ["disappear"] * 2
         if cur and free_cells:
@@ -255,12 +267,18 @@ def _questions(rng: np.random.Generator, states, params: EpisodeParams) -> list[
                 now = _find(states[k], first.shape)
                 if now is None or now.colour != first.colour:
                     cands += [fam, fam]      # rare: weigh it up
-        used = {q.family for q in out}
-        fresh = [f for f in cands if f not in used]
-        pool = fresh or cands
-        if not pool:
+        if not cands:
             continue
-        fam = pool[rng.integers(len(pool))]
+        if params.family_weights is not None:
+            w = dict(zip(params.families, params.family_weights))
+            p = np.asarray([w[f] for f in cands], dtype=np.float64)
+            if not p.sum() > 0:
+                continue
+            fam = cands[int(rng.choice(len(cands), p=p / p.sum()))]
+        else:
+            used = {q.family for q in out}
+            pool = [f for f in cands if f not in used] or cands
+            fam = pool[rng.integers(len(pool))]
         ask = t(k) + 0.5 / fps
         if fam in ("realtime", "position"):
             o = states[k][rng.integers(len(states[k]))]
@@ -289,6 +307,6 @@ def make_episode(seed: int, params: EpisodeParams | None = None) -> Episode:
         raise ValueError(f"seed must be >= 0, got {seed}")
     rng = np.random.default_rng([int(seed), 0x57AE])
     n = int(rng.integers(params.min_frames, params.max_frames + 1))
-    states = _evolve(rng, n, params.size)
+    states = _evolve(rng, n, params.size, params.appear_weight)
     qs = _questions(rng, states, params)
     return Episode(int(seed), params, states, qs)
