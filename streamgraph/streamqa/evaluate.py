@@ -473,7 +473,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_results(results: list[dict], out: str | Path) -> list[Path]:
-    """``pareto.png`` (accuracy vs per-frame p50 latency, Pareto front) and
+    """``pareto.png`` (accuracy vs per-frame p50 latency, Pareto front; variants run in real
+    time only, since an overload run's latency is mostly queueing) and
     ``evidence_age.png`` (accuracy vs evidence age, one line per cache policy variant).
     Returns the files written (none without matplotlib)."""
     try:
@@ -487,11 +488,12 @@ def plot_results(results: list[dict], out: str | Path) -> list[Path]:
     ok = [r for r in results if "error" not in r and r.get("accuracy") is not None
           and (r.get("frame_latency_ms") or {}).get("p50") is not None]
     written = []
-    if ok:
+    real_time = [r for r in ok if r.get("load") is None]     # overload runs' latency is queueing
+    if real_time:
         fig, ax = plt.subplots(figsize=(8, 5.5))
-        pts = [(r["frame_latency_ms"]["p50"], 100 * r["accuracy"]) for r in ok]
+        pts = [(r["frame_latency_ms"]["p50"], 100 * r["accuracy"]) for r in real_time]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=18)
-        for r, p in zip(ok, pts):
+        for r, p in zip(real_time, pts):
             ax.annotate(r["name"], p, fontsize=6, xytext=(3, 2), textcoords="offset points")
         front = pareto_front(pts)
         ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "r-", lw=1, label="Pareto front")
@@ -505,12 +507,16 @@ def plot_results(results: list[dict], out: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(out / "pareto.png")
     caches = [r for r in ok if "cache" in r.get("axes", {}) and r.get("evidence_age")]
+    baseline = [r for r in ok if set(r.get("axes", {})) <= {"reducer"} and r.get("axes", {}).get("reducer") in
+                (None, "none") and r.get("evidence_age") and r.get("load") is None]
     if caches:
+        caches = baseline[:1] + caches
         fig, ax = plt.subplots(figsize=(8, 5))
         for r in caches:
             keys = list(r["evidence_age"])
             ax.plot(range(len(keys)), [100 * r["evidence_age"][k]["accuracy"] for k in keys], marker="o",
-                    label=f"{r['name']} ({r['kv_bytes'] / 1024:.0f} KiB)")
+                    label=f"{r['name'] if r.get('axes', {}).get('cache') else r['cache'] + ' (baseline)'} "
+                          f"({r['kv_bytes'] / 1024:.0f} KiB)")
             ax.set_xticks(range(len(keys)), keys)
         ax.set_xlabel("evidence age (ask time - evidence time)")
         ax.set_ylabel("exact match (%)")
