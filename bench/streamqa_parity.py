@@ -1,8 +1,8 @@
 """The shipped StreamQA checkpoint through compiled ORT engines vs transformers' own forward.
 
 Generates (or reuses) an evaluation suite from seeds never used in training (>= 1e9), runs
-it through ``streamgraph eval``'s path (graphs/streamqa.yaml: full cache, no reducer, ORT,
-one intra-op thread) and through ``LlavaOnevisionForConditionalGeneration`` (greedy, same
+it through ``streamgraph eval``'s path (graphs/streamqa.yaml: full cache, no reducer, ORT with
+its default intra-op threads = the machine's cores) and through ``LlavaOnevisionForConditionalGeneration`` (greedy, same
 stream), and reports both accuracies and how often the two give the same answer.
 
     python bench/streamqa_parity.py --suite out/streamqa-eval --episodes 130
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
            "ort_accuracy": ort["accuracy"], "ort_families": ort["families"],
            "transformers_accuracy": sum(ref_ok) / len(ref_ok), "agreement": sum(same) / len(same),
            "disagreements": diff, "ort_seconds": round(t_ort, 1), "transformers_seconds": round(t_ref, 1),
-           "torch_threads": torch.get_num_threads(), "machine": machine_info(), "pid": os.getpid()}
+           "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": ort.get("intra_op_threads"),
+           "machine": machine_info(), "pid": os.getpid()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"{len(items)} questions / {out['videos']} videos: ORT {100 * ort['accuracy']:.1f}%, transformers "

@@ -38,7 +38,8 @@ def main(path: str) -> int:
     m = data["meta"]
     print(f"Suite `{m['suite_name']}`: {m['items']} questions over {m['videos']} videos; machine "
           f"{m['machine']['cpu_count']} cores, load average {m['machine']['loadavg']}, ORT "
-          f"{m['machine']['onnxruntime']} (1 intra-op thread). Baseline `none` (full cache, "
+          f"{m['machine']['onnxruntime']} ({base.get('intra_op_threads', m['machine'].get('ort_intra_op_threads'))} "
+          f"intra-op threads). Baseline `none` (full cache, "
           f"{n_tok} tokens/frame): **{pct(full_acc)}**.\n")
 
     print("### Reducers x budgets (full cache)\n")

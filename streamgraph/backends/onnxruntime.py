@@ -35,9 +35,10 @@ class OnnxRuntimeBackend(Backend):
                 f"{bundle.path}: bundle was compiled for target {bundle.manifest.get('target')!r} and has no "
                 f"ONNX engines; recompile it with the default target (onnx)")
         self.sessions = {}
+        self.threads = threads or (os.cpu_count() or 1)       # intra-op threads of every engine
         for name, engine in bundle.plan.engines.items():
             so = ort.SessionOptions()
-            so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+            so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -9,6 +9,9 @@ under the graph's overload policy, and the items of that video asked at their ``
 before it). An answer is correct when it equals the item's answer after
 :func:`~streamgraph.streamqa.suite.normalize_answer`.
 
+The scheduler's cost model is calibrated once per bundle (``Session.calibrate`` on a scratch
+session, medians of 5) and each stream starts from a copy of it.
+
 Per graph: accuracy overall, per question family and per evidence-age bucket; visual tokens
 per processed frame; KV bytes (the plan's, i.e. the buffer); per-frame latency p50/p99 (ms,
 capture to end, queueing included, stream time); TTFT p50/p99; frames sampled, processed,
@@ -54,10 +57,15 @@ class SweepError(StreamgraphError):
     """A sweep file or sweep option is malformed; one line naming the file and field."""
 
 
+def _bucket_label(lo: float, hi: float) -> str:
+    return f"{lo:g}-{hi:g}s" if math.isfinite(hi) else f">={lo:g}s"
+
+
 def age_bucket(age: float) -> str:
+    """Label of the :data:`AGE_BUCKETS` bucket holding ``age`` seconds."""
     for lo, hi in AGE_BUCKETS:
         if lo <= age < hi:
-            return f"{lo:g}-{hi:g}s" if math.isfinite(hi) else f">={lo:g}s"
+            return _bucket_label(lo, hi)
     return "<0s"
 
 
@@ -257,13 +265,21 @@ def _pct(values, q):
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else None
 
 
-def measure_capacity(bundle, backend) -> float:
-    """Frames per second the executor sustains at the largest budget (calibrated medians)."""
+def calibrate_bundle(bundle, backend, repeats: int = 5):
+    """``(cost model, budgets)`` of ``bundle`` on ``backend``: the scheduler's per-stage,
+    per-budget costs in seconds from ``Session.calibrate`` on a scratch session (medians of
+    ``repeats`` probes), and the ascending token-budget buckets. Measured once per bundle;
+    every stream of an evaluation starts from a copy of the costs."""
     from streamgraph.runtime.session import Session
 
     s = Session(bundle, backend)
-    s.calibrate(repeats=5)
-    cost = s.scheduler.costs.predict_frame(s.budgets[-1])
+    s.calibrate(repeats=repeats)
+    return s.scheduler.costs, s.budgets
+
+
+def capacity_of(costs, budgets) -> float:
+    """Frames per second the executor sustains at the largest of ``budgets``."""
+    cost = costs.predict_frame(budgets[-1])
     return 1.0 / max(cost or 1e-6, 1e-6)
 
 
@@ -288,22 +304,21 @@ def evaluate_bundle(bundle_dir: str | Path, suite: Suite, *, load: float | None 
     bundle = Bundle.load(bundle_dir)
     be = open_backend(backend, bundle)
     fps = float(bundle.manifest["stream"]["fps"])
+    costs, budgets = calibrate_bundle(bundle, be)
     speed, capacity = 1.0, None
     if load is not None:
-        capacity = capacity_fps or measure_capacity(bundle, be)
+        capacity = capacity_fps or capacity_of(costs, budgets)
         speed = load * capacity / fps
     items = items_out if items_out is not None else []
     frames_all, ttfts = [], []
-    budgets = None
     groups = suite.by_video()
     t0 = time.perf_counter()
     for vi, (video, its) in enumerate(groups.items()):
         session = Session(bundle, be, clock=SimulatedClock())
-        budgets = session.budgets
         if speed != 1.0:
             session.scheduler.frame_deadline /= speed
             session.scheduler.ttft /= speed
-        session.calibrate()
+        session.scheduler.costs = copy.deepcopy(costs)
         size = tuple(session.plan.image_size) if session.plan.resample == "ffmpeg_bilinear" else None
         src = sources.video(suite.path / video, fps=fps, size=size)
         qs = [Question(at=it.ask_time / speed, text=it.question) for it in its]
@@ -323,8 +338,10 @@ def evaluate_bundle(bundle_dir: str | Path, suite: Suite, *, load: float | None 
         frames_all += session.frames
         if progress:
             progress(vi + 1, len(groups))
-    return summarize_items(items, frames_all, ttfts, bundle, budgets, speed, capacity, load,
-                           time.perf_counter() - t0)
+    res = summarize_items(items, frames_all, ttfts, bundle, budgets, speed, capacity, load,
+                          time.perf_counter() - t0)
+    res["intra_op_threads"] = getattr(be, "threads", None)
+    return res
 
 
 def summarize_items(items, frames, ttfts, bundle, budgets, speed, capacity, load, seconds) -> dict:
@@ -337,7 +354,7 @@ def summarize_items(items, frames, ttfts, bundle, budgets, speed, capacity, load
         fams.setdefault(r["family"] or "-", []).append(r)
         if r["evidence_age_s"] is not None:
             ages.setdefault(age_bucket(r["evidence_age_s"]), []).append(r)
-    order = [age_bucket((lo + min(hi, lo + 1)) / 2) for lo, hi in AGE_BUCKETS]
+    order = [_bucket_label(lo, hi) for lo, hi in AGE_BUCKETS]
     run = [f for f in frames if f.decision == "run"]
     top = max(budgets) if budgets and budgets[0] is not None else None
     lat = [f.latency_ms * speed for f in run if f.latency_ms is not None]
@@ -432,8 +449,7 @@ def machine_info() -> dict:
     import onnxruntime
 
     return {"cpu_count": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
-            "platform": platform.platform(), "onnxruntime": onnxruntime.__version__,
-            "ort_intra_op_threads": 1}
+            "platform": platform.platform(), "onnxruntime": onnxruntime.__version__}
 
 
 # ----------------------------------------------------------------------------- report

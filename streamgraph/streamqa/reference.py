@@ -12,7 +12,6 @@ and preprocessed by the checkpoint's processor settings.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ def reference_answers(ckpt_dir: str | Path, suite, max_new_tokens: int = 8, mode
 
     from streamgraph.models.hf import open_checkpoint, prompt_format
     from streamgraph.runtime import sources
+    from streamgraph.streamqa.scene import last_frame_before
 
     ckpt = open_checkpoint(ckpt_dir)
     fmt = prompt_format(ckpt)
@@ -68,7 +68,7 @@ def reference_answers(ckpt_dir: str | Path, suite, max_new_tokens: int = 8, mode
             seq = [text_embeds(encode(fmt["prefix"]))]
             shown = 0
             for it in its:
-                upto = min(int(math.floor(it.ask_time * fps + 1e-9)), len(frames) - 1)
+                upto = last_frame_before(it.ask_time, fps, len(frames))
                 seg = frames[shown:upto + 1]
                 if seg:
                     pix = _pixels(ckpt, [f.image for f in seg])

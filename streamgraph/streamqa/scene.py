@@ -33,6 +33,7 @@ pixels and questions on every machine (``numpy.random.default_rng``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -227,6 +228,13 @@ def render(state: tuple[Obj, ...], size: int, noise: int = 6, seed=(0, 0)) -> np
         m = _shape_mask(o.shape, side)
         img[y0:y0 + side, x0:x0 + side][m] = COLOURS[o.colour]
     return img
+
+
+def last_frame_before(ask_time: float, fps: float, n_frames: int) -> int:
+    """Index of the last frame (timestamp ``k / fps``) captured at or before ``ask_time``
+    seconds, capped at ``n_frames - 1``: the frames a question asked then can see (the
+    runner's rule: a frame runs before a question when its capture time is <= the ask time)."""
+    return min(int(math.floor(ask_time * fps + 1e-9)), n_frames - 1)
 
 
 # ----------------------------------------------------------------------------- answers

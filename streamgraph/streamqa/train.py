@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamgraph.streamqa.scene import Episode, EpisodeParams, make_episode
+from streamgraph.streamqa.scene import Episode, EpisodeParams, last_frame_before, make_episode
 
 TRAIN_SEED_RANGE = (0, 10**9)
 EVAL_FIRST_SEED = 10**9
@@ -147,7 +147,7 @@ def episode_stream(ep: Episode, fmt: dict, encode, questions=None) -> list[tuple
     pieces: list[tuple] = [("text", encode(fmt["prefix"]))]
     shown = 0
     for qi, q in enumerate(questions):
-        upto = min(int(math.floor(q.ask_time * ep.params.fps + 1e-9)), ep.n_frames - 1)
+        upto = last_frame_before(q.ask_time, ep.params.fps, ep.n_frames)
         seg = list(range(shown, upto + 1))
         for k in seg:
             pieces.append(("frame", k))
@@ -292,7 +292,6 @@ class SceneProbe:
 def forward_loss(model, x, mask, labels):
     """Mean cross entropy over answer targets and per-question exact match (all target tokens
     argmax-correct, i.e. greedy decoding reproduces the answer and stops)."""
-    import torch
     import torch.nn.functional as F
 
     h = model.model.language_model(inputs_embeds=x, attention_mask=mask).last_hidden_state
