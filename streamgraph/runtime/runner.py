@@ -5,8 +5,12 @@ The runner owns the pending queues. Whenever the executor is free at stream time
 1. frames whose capture time has come are moved into their stream's pending queue;
 2. due questions are served first (earliest TTFT deadline first), ahead of pending frames;
 3. each stream's overload policy prunes its queue (drops are recorded with a reason);
-4. among the streams' oldest pending frames, the one with the earliest deadline runs (EDF),
-   at the budget its policy chooses, or is dropped.
+4. among the streams' oldest pending frames, :class:`~streamgraph.runtime.scheduler.FairEDF`
+   picks one: the earliest deadline (EDF) while every head can meet its deadline; when not,
+   the stream that kept the smallest share of its recent frames among those that can (no
+   stream starves under overload);
+   it runs at the budget its policy chooses (``degrade`` counts every stream's pending frames
+   as its backlog), or is dropped.
 
 Frames that arrive while an answer is being generated wait in their queue and are then
 handled by their policy like any others. With a
@@ -21,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-from streamgraph.runtime.scheduler import Decision
+from streamgraph.runtime.scheduler import Decision, FairEDF
 from streamgraph.runtime.stream import StreamBase
 
 
@@ -92,6 +96,7 @@ class StreamRunner:
         self.on_frame, self.on_answer = on_frame, on_answer
         self.max_queue = [0] * len(streams)
         self.order: list[tuple[int, int]] = []        # (stream, frame index) in execution order
+        self.picker = FairEDF(len(streams))
 
     def _capture(self, i: int, frame) -> float:
         return self.feeders[i].capture(frame)
@@ -108,6 +113,7 @@ class StreamRunner:
         capture = self._capture(i, frame)
         decision = Decision("drop", session.scheduler.frame_deadline_for(capture), None, reason)
         rec = session.record_drop(capture, decision, len(self.pending[i]) + 1)
+        self.picker.record(i, False)
         if self.on_frame:
             self.on_frame(i, rec)
 
@@ -133,21 +139,30 @@ class StreamRunner:
                 frame = queue[idx]
                 del queue[idx]
                 self._drop(i, frame, reason)
-        heads = [(self.sessions[i].scheduler.frame_deadline_for(self._capture(i, q[0])), i)
-                 for i, q in enumerate(self.pending) if q]
+        heads = []
+        for i, q in enumerate(self.pending):
+            if q:
+                sched, capture = self.sessions[i].scheduler, self._capture(i, q[0])
+                after = self._capture(i, q[1]) if len(q) > 1 else self.feeders[i].next_arrival()
+                heads.append((i, sched.frame_deadline_for(capture), sched.cheapest_run_s(),
+                              sched.latest_start(capture, after)))
         if heads:
-            _, i = min(heads)
+            i = self.picker.pick(heads, now)
             frame = self.pending[i].popleft()
             session = self.sessions[i]
             capture = self._capture(i, frame)
             backlog = [self._capture(i, f) for f in self.pending[i]]
-            decision = session.scheduler.decide(capture, now, backlog)
+            others = [self.sessions[j].scheduler.frame_deadline_for(self._capture(j, f))
+                      for j, q in enumerate(self.pending) if j != i for f in q]
+            decision = session.scheduler.decide(capture, now, backlog, others)
             queue_len = len(backlog) + 1
             if decision.action == "drop":
                 rec = session.record_drop(capture, decision, queue_len)
+                self.picker.record(i, False)
             else:
                 rec = session.run_decided(getattr(frame, "image", frame), capture, decision, queue_len)
                 self.order.append((i, rec.index))
+                self.picker.record(i, True)
             if self.on_frame:
                 self.on_frame(i, rec)
             return True
