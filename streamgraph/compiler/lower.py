@@ -59,9 +59,9 @@ def engine_modules(model, reducer: dict | None = None, budgets: list[int] | None
 
         if encoder["op"] != "stc_cacher":
             raise KeyError(f"unknown encoder reuse op {encoder['op']!r}")
-        mods["vision_encoder"] = RefreshVisionEncoder(model.vision_tower, model.multi_modal_projector)
-        mods["vision_encoder_reuse"] = ReuseVisionEncoder(
-            model.vision_tower, model.multi_modal_projector, float(encoder["params"]["update_ratio"]))
+        plain = mods["vision_encoder"]
+        mods["vision_encoder"] = RefreshVisionEncoder(plain)
+        mods["vision_encoder_reuse"] = ReuseVisionEncoder(plain, float(encoder["params"]["update_ratio"]))
     if reducer is not None:
         for k in budgets or budgets_of(reducer["params"]) or [None]:
             module = build_reducer(reducer["op"], reducer["params"], k)

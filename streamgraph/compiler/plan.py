@@ -229,7 +229,8 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
 
     engines: dict[str, EnginePlan] = {}
     pixels = TensorSpec("pixel_values", f, [b, v.num_channels, h, w])
-    refs = TensorSpec("encoder_refs", f, [v.num_hidden_layers, 4, b, n, v.hidden_size])
+    # STC-Cacher references: the layers that run (up to the deepest feature layer) x ViT tokens
+    refs = TensorSpec("encoder_refs", f, [v.layers_used, 4, b, v.num_patches, v.hidden_size])
     engines["vision_encoder"] = EnginePlan(
         "vision_encoder", "engines/vision_encoder.onnx", [pixels],
         [TensorSpec("visual_tokens", f, [b, n, c])] + ([refs] if encoder is not None else []),

@@ -109,6 +109,13 @@ class SiglipVisionTower(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x)
             hidden.append(x)
+        return self.select_features(hidden)
+
+    def select_features(self, hidden: list[Tensor]) -> Tensor:
+        """The features ``feature_layers`` selects from ``hidden`` (``hidden[0]`` the patch
+        embeddings, ``hidden[i]`` the output of layer i, each ``[B, N, Cv]``), concatenated
+        along channels: ``[B, N, Cv * len(feature_layers)]``. Encoders that run the layers
+        themselves (STC-Cacher's refresh/reuse engines) use it to read the same hidden states."""
         if len(self.feature_index) == 1:
             return hidden[self.feature_index[0]]
         return torch.cat([hidden[i] for i in self.feature_index], dim=-1)
@@ -145,7 +152,12 @@ class VisionEncoder(nn.Module):
         self.pool_grid = pool_grid
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        x = self.multi_modal_projector(self.vision_tower(pixel_values))
+        return self.head(self.vision_tower(pixel_values))
+
+    def head(self, features: Tensor) -> Tensor:
+        """Projector, then (with ``pool_grid``) the 2x2 bilinear pooling: selected ViT features
+        ``[B, N_vit, Cv']`` -> ``visual_tokens [B, N, C]``."""
+        x = self.multi_modal_projector(features)
         if self.pool_grid is not None:
             from streamgraph.reducers.pool import bilinear_pool_2x
 

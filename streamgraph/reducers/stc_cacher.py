@@ -28,6 +28,15 @@ The reference buffers are never updated by the reuse engine (the reference store
 refresh frames only). The runtime owns them and decides per frame: refresh every
 ``refresh_every`` encoded frames, reuse otherwise (``streamgraph.runtime.reduction``). Shapes
 are static because n is fixed at build time. The patch embedding and the projector stay dense.
+
+T is the ViT's patch count and L the layers that run (``VisionConfig.layers_used``: up to the
+deepest feature layer), so for a LLaVA-OneVision checkpoint (``vision_feature_layer`` -2 or
+several layers; 2x2 bilinear video pooling after the projector) the references hold the
+unpooled ViT tokens of the used layers, and both engines end with the plain encoder's
+feature selection, projector and pooling (:meth:`VisionEncoder.head
+<streamgraph.models.vlm.VisionEncoder.head>`): ``N`` = pooled tokens, ``T`` = ViT tokens. This
+is the reference's placement (STC patches the SigLIP layers; LLaVA-OV's projector and pooling
+run after the tower, dense).
 """
 from __future__ import annotations
 
@@ -60,17 +69,21 @@ def _attend(attn, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 class RefreshVisionEncoder(nn.Module):
     """Refresh engine: ``pixel_values [B,3,H,W]`` -> ``visual_tokens [B,N,C]``,
-    ``encoder_refs [L,4,B,T,Cv]`` (see the module docstring)."""
+    ``encoder_refs [L,4,B,T,Cv]`` (see the module docstring).
 
-    def __init__(self, vision_tower, projector):
+    ``encoder`` is the plain :class:`~streamgraph.models.vlm.VisionEncoder`; its feature-layer
+    selection, projector and (LLaVA-OneVision) 2x2 pooling are applied exactly as it applies
+    them, so ``visual_tokens`` equals the plain encoder's output."""
+
+    def __init__(self, encoder):
         super().__init__()
-        self.vision_tower = vision_tower
-        self.multi_modal_projector = projector
+        self.encoder = encoder
 
     def forward(self, pixel_values: Tensor):
-        x = self.vision_tower.embeddings(pixel_values)
-        refs = []
-        for layer in self.vision_tower.encoder.layers:
+        tower = self.encoder.vision_tower
+        x = tower.embeddings(pixel_values)
+        hidden, refs = [x], []
+        for layer in tower.encoder.layers:
             attn = layer.self_attn
             x1 = layer.layer_norm1(x)
             q, k, v = attn.q_proj(x1), attn.k_proj(x1), attn.v_proj(x1)
@@ -78,30 +91,36 @@ class RefreshVisionEncoder(nn.Module):
             x = x + a
             m = layer.mlp(layer.layer_norm2(x))
             x = x + m
+            hidden.append(x)
             refs.append(torch.stack([k, v, a, m]))
-        return self.multi_modal_projector(x), torch.stack(refs)
+        # no layer runs when the features are the patch embeddings (vision_feature_layer 0)
+        stacked = torch.stack(refs) if refs else x.new_zeros((0, 4, *x.shape))
+        return self.encoder.head(tower.select_features(hidden)), stacked
 
 
 class ReuseVisionEncoder(nn.Module):
     """Reuse engine: ``pixel_values [B,3,H,W]``, ``encoder_refs [L,4,B,T,Cv]`` ->
-    ``visual_tokens [B,N,C]``, recomputing ``selected_count(T, update_ratio)`` tokens per layer.
+    ``visual_tokens [B,N,C]``, recomputing ``selected_count(T, update_ratio)`` of the T ViT
+    tokens per layer, then the plain encoder's feature selection, projector and pooling
+    (``encoder``: the plain :class:`~streamgraph.models.vlm.VisionEncoder`).
 
     Raises ValueError for ``update_ratio`` outside (0, 1]."""
 
-    def __init__(self, vision_tower, projector, update_ratio: float = 0.25):
+    def __init__(self, encoder, update_ratio: float = 0.25):
         super().__init__()
         if not 0.0 < update_ratio <= 1.0:
             raise ValueError(f"update_ratio must be in (0, 1], got {update_ratio}")
-        self.vision_tower = vision_tower
-        self.multi_modal_projector = projector
+        self.encoder = encoder
         self.update_ratio = float(update_ratio)
 
     def forward(self, pixel_values: Tensor, encoder_refs: Tensor):
-        x = self.vision_tower.embeddings(pixel_values)
+        tower = self.encoder.vision_tower
+        x = tower.embeddings(pixel_values)
         b, t, c = x.shape
         n = selected_count(t, self.update_ratio)
         rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
-        for li, layer in enumerate(self.vision_tower.encoder.layers):
+        hidden = [x]
+        for li, layer in enumerate(tower.encoder.layers):
             attn = layer.self_attn
             refs = encoder_refs[li]
             k_ref, v_ref, a_ref, m_ref = refs[0], refs[1], refs[2], refs[3]
@@ -116,4 +135,5 @@ class ReuseVisionEncoder(nn.Module):
             x = x + a
             m = m_ref.index_put((rows, idx), layer.mlp(layer.layer_norm2(gather_rows(x, idx))))
             x = x + m
-        return self.multi_modal_projector(x)
+            hidden.append(x)
+        return self.encoder.head(tower.select_features(hidden))
