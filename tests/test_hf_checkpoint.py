@@ -504,3 +504,71 @@ def test_hf_bundle_runs_with_torch_unimportable(hf_onnx_bundle):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["leaked"] == [] and res["tokens"] >= 1
     assert res["kinds"].count("frame") == 3 and res["kinds"].count("video_end") == 1
+
+
+def _save_processor(src, dst, layout: str):
+    """The tiny checkpoint at ``dst`` with its processor saved by transformers 5.23 itself:
+    ``nested`` = ``LlavaOnevisionProcessor.save_pretrained`` (one ``processor_config.json``
+    with ``image_processor`` and ``video_processor`` nested in it, no preprocessor files);
+    ``nested_image`` = the same file holding only ``image_processor`` (a processor saved
+    without a video processor); ``separate`` = each processor's own ``save_pretrained``
+    (``preprocessor_config.json`` + ``video_preprocessor_config.json``). The image and the video
+    processor get different settings, so the test sees which one was read."""
+    from transformers import LlavaOnevisionImageProcessorPil, LlavaOnevisionProcessor, PreTrainedTokenizerFast
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    _copy_aux(src, dst)
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json", "chat_template.jinja"):
+        (dst / name).unlink()
+    (dst / "model.safetensors").symlink_to(src / "model.safetensors")
+    size = {"height": 40, "width": 40}
+    image = LlavaOnevisionImageProcessorPil(size=size, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.4],
+                                            resample=2)
+    video = LlavaOnevisionVideoProcessor(size=size, image_mean=[0.1, 0.2, 0.3], image_std=[0.3, 0.25, 0.35],
+                                         resample=3, rescale_factor=1 / 127.5)
+    if layout == "separate":
+        image.save_pretrained(dst)
+        video.save_pretrained(dst)
+        (dst / "chat_template.jinja").write_text((src / "chat_template.jinja").read_text())
+        return
+    tok = PreTrainedTokenizerFast.from_pretrained(src)
+
+    class Processor(LlavaOnevisionProcessor):
+        def check_argument_for_proper_class(self, name, arg):
+            # transformers looks the video processor class up in a registry that is a stub
+            # without torchvision; the object is transformers' own LlavaOnevisionVideoProcessor
+            if name == "video_processor" and isinstance(arg, BaseVideoProcessor):
+                return BaseVideoProcessor
+            return super().check_argument_for_proper_class(name, arg)
+
+    Processor.__name__ = "LlavaOnevisionProcessor"
+    Processor(image_processor=image, tokenizer=tok, video_processor=video,
+              chat_template=(src / "chat_template.jinja").read_text()).save_pretrained(dst)
+    assert not (dst / "preprocessor_config.json").exists() and not (dst / "video_preprocessor_config.json").exists()
+    if layout == "nested_image":
+        cfg = json.loads((dst / "processor_config.json").read_text())
+        del cfg["video_processor"]
+        (dst / "processor_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("layout", ["nested", "nested_image", "separate"])
+def test_processor_saved_in_either_layout_loads_transformers_settings(hf_checkpoint, tmp_path, layout):
+    from transformers import LlavaOnevisionImageProcessorPil
+    from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
+
+    d = tmp_path / layout
+    _save_processor(hf_checkpoint[0], d, layout)
+    ckpt = hf.open_checkpoint(d)
+    # the reference: what transformers' own processor loads from that directory (the video
+    # processor where there are video settings, else the image processor)
+    ref_cls = LlavaOnevisionImageProcessorPil if layout == "nested_image" else LlavaOnevisionVideoProcessor
+    ref = ref_cls.from_pretrained(d)
+    cfg = ckpt.cfg
+    assert cfg.vision.image_size == (ref.size.height, ref.size.width)
+    assert list(cfg.image_mean) == pytest.approx(list(ref.image_mean), abs=0)
+    assert list(cfg.image_std) == pytest.approx(list(ref.image_std), abs=0)
+    assert cfg.rescale_factor == ref.rescale_factor
+    assert cfg.resample == {2: "bilinear_aa", 3: "bicubic_aa"}[int(ref.resample)]
+    assert ckpt.preprocessor_file.split(" ")[0] in ckpt.files            # hashed into the lock key
+    assert (list(cfg.image_mean) == [0.4, 0.5, 0.6]) == (layout == "nested_image")

@@ -14,8 +14,12 @@ fetched from a hub. What is read:
 * the chat template — ``chat_template.jinja``, ``chat_template.json`` or
   ``tokenizer_config.json["chat_template"]`` — rendered once at compile time into the four
   text pieces a streaming session needs (:func:`prompt_format`);
-* ``video_preprocessor_config.json`` (else ``preprocessor_config.json``) — frame size,
-  resample filter, rescale factor, mean and std of LLaVA-OneVision's video processor;
+* the video processor's settings — frame size, resample filter, rescale factor, mean and std
+  — where transformers' ``LlavaOnevisionVideoProcessor.from_pretrained`` finds them:
+  ``processor_config.json``'s nested ``video_processor`` (what ``processor.save_pretrained``
+  of transformers 5 writes), else ``video_preprocessor_config.json``, else
+  ``preprocessor_config.json``; last, ``processor_config.json``'s nested ``image_processor``
+  (a processor saved without a video processor);
 * ``generation_config.json`` (optional) — end-of-sequence ids.
 
 Weight names are mapped onto streamgraph's modules for three layouts:
@@ -112,7 +116,9 @@ class Checkpoint:
 
     ``cfg`` is the streamgraph model config; ``weight_files`` the safetensors files in load
     order; ``files`` the relative names of every file streamgraph read (hashed into the lock
-    key by :func:`checkpoint_sha256`)."""
+    key by :func:`checkpoint_sha256`); ``preprocessor_file`` names the file the frame
+    preprocessing came from, with the nested section for ``processor_config.json`` (e.g.
+    ``processor_config.json (video_processor)``)."""
 
     path: Path
     config: dict
@@ -259,15 +265,32 @@ def _vlm_config(root: Path, config: dict, pre: dict) -> VLMConfig:
         image_newline=True, resample=pre["resample"], rescale_factor=float(pre["rescale_factor"]))
 
 
-def _preprocessor(root: Path) -> tuple[dict, str]:
-    """LLaVA-OneVision's per-frame video preprocessing: size, resample, rescale, mean, std."""
+def _preprocessor_settings(root: Path) -> tuple[dict, str, str]:
+    """The raw video-processor settings, the file they are in, and a label for messages.
+
+    Order: transformers 5.23's ``BaseVideoProcessor.get_video_processor_dict`` (nested
+    ``processor_config.json:video_processor``, then ``video_preprocessor_config.json``, then
+    ``preprocessor_config.json``), then the nested ``image_processor`` (the image processor's
+    own first choice), so both layouts of ``save_pretrained`` load."""
+    nested = {}
+    if (root / "processor_config.json").is_file():
+        nested = _read_json(root / "processor_config.json", root)
+    if isinstance(nested.get("video_processor"), dict):
+        return nested["video_processor"], "processor_config.json", "processor_config.json (video_processor)"
     for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
         if (root / name).is_file():
-            raw = _read_json(root / name, root)
-            break
-    else:
-        raise CheckpointError(f"{root}: no video_preprocessor_config.json or preprocessor_config.json; "
-                              f"streamgraph needs the checkpoint's frame size, mean and std")
+            return _read_json(root / name, root), name, name
+    if isinstance(nested.get("image_processor"), dict):
+        return nested["image_processor"], "processor_config.json", "processor_config.json (image_processor)"
+    raise CheckpointError(f"{root}: no video or image processor settings (looked for processor_config.json's "
+                          f"video_processor/image_processor, video_preprocessor_config.json and "
+                          f"preprocessor_config.json); streamgraph needs the checkpoint's frame size, mean and std")
+
+
+def _preprocessor(root: Path) -> tuple[dict, str, str]:
+    """LLaVA-OneVision's per-frame video preprocessing: size, resample, rescale, mean, std;
+    with the file it came from and a label naming the file (and nested section)."""
+    raw, file, name = _preprocessor_settings(root)
     p = dict(_VIDEO_PROCESSOR_DEFAULTS, **{k: v for k, v in raw.items() if v is not None})
     if not p["do_resize"]:
         raise CheckpointError(f"{root}: {name} has do_resize false; streamgraph resizes every frame "
@@ -290,7 +313,7 @@ def _preprocessor(root: Path) -> tuple[dict, str]:
     mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(x) for x in mean]
     std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(x) for x in std]
     return {"size": hw, "resample": _RESAMPLE[resample], "image_mean": mean, "image_std": std,
-            "rescale_factor": float(p["rescale_factor"]) if p["do_rescale"] else 1.0}, name
+            "rescale_factor": float(p["rescale_factor"]) if p["do_rescale"] else 1.0}, file, name
 
 
 def _chat_template(root: Path, tok_cfg: dict) -> tuple[str, str]:
@@ -331,7 +354,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{root}: config.json missing; not a Hugging Face checkpoint directory")
     config = _read_json(root / "config.json", root)
     files = ["config.json"]
-    pre, pre_file = _preprocessor(root)
+    pre, pre_path, pre_file = _preprocessor(root)
     cfg = _vlm_config(root, config, pre)
     if tuple(pre["size"]) != cfg.vision.image_size:
         raise CheckpointError(f"{root}: {pre_file} resizes frames to {pre['size'][0]}x{pre['size'][1]} "
@@ -350,7 +373,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     extra = tok_cfg.get("extra_special_tokens")
     video_token = (tok_cfg.get("video_token") or (extra.get("video_token") if isinstance(extra, dict) else None)
                    or "<video>")
-    files += wnames + [pre_file, "tokenizer.json", template_file]
+    files += wnames + [pre_path, "tokenizer.json", template_file]
     files += [n for n in ("tokenizer_config.json", "generation_config.json") if (root / n).is_file()]
     ckpt = Checkpoint(root, config, cfg, weights, root / "tokenizer.json", tok_cfg, template, template_file,
                       pre, pre_file, image_id, video_id, video_token, gen, list(dict.fromkeys(files)))
