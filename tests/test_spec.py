@@ -538,3 +538,161 @@ def test_random_text_gives_spec_or_spec_error(text):
         parse_spec(text, "g.yaml")
     except SpecError as err:
         assert "\n" not in str(err)
+
+
+# --------------------------------------------------------------------------- bounds
+
+from streamgraph.compiler import limits  # noqa: E402
+
+
+def value_at(text: str, anchor: str) -> tuple[int, int]:
+    """1-based (line, col) of the text right after ``anchor`` (which occurs once): the
+    position a located error about that value must name, found independently of the
+    parser."""
+    assert text.count(anchor) == 1, anchor
+    pos = text.index(anchor) + len(anchor)
+    return text.count("\n", 0, pos) + 1, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+# (old text in EXAMPLE, template with {v}, anchor before the value, field, largest valid value,
+#  smallest invalid value)
+BOUNDS = [
+    ("fps: 2", "fps: {v}", "fps: ", "stream.fps", limits.MAX_FPS, "1000.001"),
+    ("frame_size: [64, 64]", "frame_size: [{v}, 8]", "frame_size: [", "stream.frame_size[0]",
+     limits.MAX_FRAME_SIDE, limits.MAX_FRAME_SIDE + 1),
+    ("frame_deadline_ms: 250", "frame_deadline_ms: {v}", "frame_deadline_ms: ",
+     "slo.frame_deadline_ms", limits.MAX_DEADLINE_MS, "86400000.5"),
+    ("ttft_ms: 500", "ttft_ms: {v}", "ttft_ms: ", "slo.ttft_ms", limits.MAX_DEADLINE_MS,
+     limits.MAX_DEADLINE_MS + 1),
+    ("memory_mb: 512", "memory_mb: {v}", "memory_mb: ", "budget.memory_mb", limits.MAX_MEMORY_MB,
+     int(limits.MAX_MEMORY_MB) + 1),
+    ("max_new_tokens: 16", "max_new_tokens: {v}", "max_new_tokens: ", "nodes.llm.max_new_tokens",
+     limits.MAX_TOKENS, limits.MAX_TOKENS + 1),
+    ("max_new_tokens: 16", "max_new_tokens: 16, prefill_chunk_tokens: {v}", "prefill_chunk_tokens: ",
+     "nodes.llm.prefill_chunk_tokens", limits.MAX_TOKENS, limits.MAX_TOKENS + 1),
+    ("tokens_per_frame: 16", "tokens_per_frame: {v}", "tokens_per_frame: ",
+     "nodes.pruner.tokens_per_frame", limits.MAX_TOKENS, limits.MAX_TOKENS + 1),
+    ("window_tokens: 512", "window_tokens: {v}", "window_tokens: ", "nodes.cache.window_tokens",
+     limits.MAX_CACHE_TOKENS, limits.MAX_CACHE_TOKENS + 1),
+    ("sink_tokens: 4", "sink_tokens: {v}", "sink_tokens: ", "nodes.cache.sink_tokens",
+     limits.MAX_CACHE_TOKENS, limits.MAX_CACHE_TOKENS + 1),
+    ("{op: sink_window, sink_tokens: 4, window_tokens: 512}", "{{op: full, capacity_tokens: {v}}}",
+     "capacity_tokens: ", "nodes.cache.capacity_tokens", limits.MAX_CACHE_TOKENS,
+     limits.MAX_CACHE_TOKENS + 1),
+    ("{op: sink_window, sink_tokens: 4, window_tokens: 512}", "{{op: rekv, topk: {v}}}", "topk: ",
+     "nodes.cache.topk", limits.MAX_COUNT, limits.MAX_COUNT + 1),
+    ("{op: sink_window, sink_tokens: 4, window_tokens: 512}", "{{op: rekv, store_mb: {v}}}",
+     "store_mb: ", "nodes.cache.store_mb", limits.MAX_MEMORY_MB, "1.0e+39"),
+    ("{op: sink_window, sink_tokens: 4, window_tokens: 512}",
+     "{{op: streaming_vlm, vision_window_seconds: {v}}}", "vision_window_seconds: ",
+     "nodes.cache.vision_window_seconds", limits.MAX_SECONDS, "86400.01"),
+]
+
+
+@pytest.mark.parametrize("old,template,anchor,field,largest,too_big", BOUNDS,
+                         ids=[b[3] for b in BOUNDS])
+def test_numbers_are_bounded(old, template, anchor, field, largest, too_big):
+    fmt = lambda v: repr(v) if isinstance(v, float) else str(v)  # noqa: E731
+    parse_spec(edit(old, template.format(v=fmt(largest))), "g.yaml")  # the bound is allowed
+    text = edit(old, template.format(v=too_big))
+    err = parse_error(text)
+    bound = int(largest) if float(largest).is_integer() else largest
+    assert_at(err, *value_at(text, anchor), field, f"<= {bound}")
+
+
+@pytest.mark.parametrize("old,new,anchor,field", [
+    # the issue's repros: C++ overflow trace, and huge values that passed validate
+    ("frame_size: [64, 64]", "frame_size: [9223372036854775808, 64]", "frame_size: [",
+     "stream.frame_size[0]"),
+    ("fps: 2", "fps: 1.0e+300", "fps: ", "stream.fps"),
+    ("fps: 2", "fps: 1e39", "fps: ", "stream.fps"),
+    ("frame_deadline_ms: 250", "frame_deadline_ms: 1e39", "frame_deadline_ms: ",
+     "slo.frame_deadline_ms"),
+    ("memory_mb: 512", "memory_mb: 1e39", "memory_mb: ", "budget.memory_mb"),
+    ("max_new_tokens: 16", "max_new_tokens: " + "1" + "0" * 39, "max_new_tokens: ",
+     "nodes.llm.max_new_tokens"),
+], ids=["frame_size-2**63", "fps-1e300", "fps-1e39", "deadline-1e39", "memory-1e39",
+        "max_new_tokens-10**39"])
+def test_issue_repros_are_located_bound_errors(old, new, anchor, field):
+    text = edit(old, new)
+    err = parse_error(text)
+    assert_at(err, *value_at(text, anchor), field, "must be <= ")
+    assert len(str(err)) < 200, str(err)  # a huge number is shown short
+
+
+def test_yaml_1_2_exponent_floats():
+    # YAML 1.1 (PyYAML) reads `1e3` as a string; a graph file reads it as the number
+    assert parse_spec(edit("fps: 2", "fps: 1e3"), "g.yaml").stream.fps == float("1e3")
+    assert parse_spec(edit("fps: 2", "fps: 25E-1"), "g.yaml").stream.fps == float("25E-1")
+    assert parse_spec(edit("fps: 2", "fps: 1.5e0"), "g.yaml").stream.fps == float("1.5e0")
+    err = parse_error(edit("fps: 2", "fps: '1e3'"))
+    assert "expected a number, got string '1e3'" in err.message  # quoted: still a string
+    assert parse_spec(edit("tokens_per_frame: 16", "tokens_per_frame: 16"), "g.yaml")
+    err = parse_error(edit("tokens_per_frame: 16", "tokens_per_frame: 1e1"))
+    assert "expected an integer" in err.message  # an exponent makes a float, never an int
+
+
+def test_frame_area_is_bounded():
+    side = limits.MAX_FRAME_SIDE
+    assert limits.MAX_FRAME_PIXELS // side >= 8
+    ok = parse_spec(edit("[64, 64]", f"[{side}, {limits.MAX_FRAME_PIXELS // side}]"), "g.yaml")
+    assert ok.stream.frame_size[0] * ok.stream.frame_size[1] <= limits.MAX_FRAME_PIXELS
+    text = edit("[64, 64]", f"[{side}, {limits.MAX_FRAME_PIXELS // side + 1}]")
+    err = parse_error(text)
+    assert_at(err, *value_at(text, "frame_size: "), "stream.frame_size", "exceeds",
+              str(limits.MAX_FRAME_PIXELS))
+
+
+def test_names_fit_a_file_name():
+    long = "a" * limits.MAX_NAME_CHARS
+    assert parse_spec(edit("name: streaming-vlm-tiny", f"name: {long}"), "g.yaml").name == long
+    text = edit("name: streaming-vlm-tiny", f"name: {long}b")
+    assert_at(parse_error(text), *value_at(text, "name: "), "name",
+              f"at most {limits.MAX_NAME_CHARS} characters")
+    for bad in [".", "..", "'a/b'", "'-x'", "'é'", "'a\\nb'", "'a b'"]:
+        text = edit("name: streaming-vlm-tiny", f"name: {bad}")
+        assert_at(parse_error(text), *value_at(text, "name: "), "name", "must start with")
+    # node names: the same length limit, and no trailing newline
+    node = "n" * limits.MAX_NAME_CHARS
+    spec = parse_spec(EXAMPLE.replace("llm:", f"{node}:"), "g.yaml")
+    assert node in spec.nodes
+    text = EXAMPLE.replace("llm:", f"{node}x:")
+    line = text[:text.index(f"{node}x:")].count("\n") + 1
+    assert_at(parse_error(text), line, 3, f"nodes.{node}x",
+              f"at most {limits.MAX_NAME_CHARS}")
+    text = EXAMPLE.replace("  llm:", '  "llm\\n":')
+    line = text[:text.index('"llm')].count("\n") + 1
+    assert_at(parse_error(text), line, 3, "nodes.'llm\\n'", "invalid node name")
+
+
+def test_hf_path_has_no_control_characters():
+    text = edit("{preset: tiny, seed: 0}", '{hf: "ckpt\\0dir"}')
+    assert_at(parse_error(text), *value_at(text, "hf: "), "model.hf", "control character")
+    text = edit("{preset: tiny, seed: 0}", "{hf: " + "d" * (limits.MAX_PATH_CHARS + 1) + "}")
+    assert_at(parse_error(text), *value_at(text, "hf: "), "model.hf",
+              f"at most {limits.MAX_PATH_CHARS} characters")
+
+
+def test_deep_nesting_is_a_located_error():
+    depth = limits.MAX_YAML_DEPTH + 50
+    text = edit("name: streaming-vlm-tiny", "name: " + "[" * depth + "]" * depth)
+    err = parse_error(text)
+    line, col = value_at(text, "name: ")
+    assert (err.line, err.col - col) == (line, limits.MAX_YAML_DEPTH - 1), str(err)
+    assert "nesting deeper than" in err.message
+    # as deep as the limit allows is fine for YAML (then a type error at `name`)
+    ok_depth = limits.MAX_YAML_DEPTH - 1
+    err = parse_error(edit("name: streaming-vlm-tiny", "name: " + "[" * ok_depth + "]" * ok_depth))
+    assert err.field == "name" and "expected a string" in err.message
+
+
+@pytest.mark.parametrize("literal,fragment", [
+    ("2020-13-45", "month must be in 1..12"),          # a timestamp that is no date
+    ("9" * 5000, "digits"),                             # int() refuses > 4300 digits
+    ("!!binary a", "base64"),
+])
+def test_values_yaml_cannot_construct_are_located(literal, fragment):
+    text = edit("fps: 2", f"fps: {literal}")
+    err = parse_error(text)
+    assert (err.line, err.col) == value_at(text, "fps: "), str(err)
+    assert fragment in str(err) and len(str(err)) < 300, str(err)

@@ -35,6 +35,9 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 
+from streamgraph.compiler.limits import (MAX_BUCKETS, MAX_CACHE_TOKENS, MAX_COUNT, MAX_MEMORY_MB,
+                                         MAX_SECONDS, MAX_TOKENS)
+
 __all__ = [
     "PortType", "OpKind", "Port", "TokenShape", "ShapeContext", "ShapeError", "OpInfo",
     "NodeBase", "NodeRef", "TokenBudget", "budget_values", "SOURCES", "OPS", "register", "get_op", "op_names", "producers",
@@ -139,25 +142,33 @@ def _describe(value: Any) -> str:
 
 
 def _check_budget(value: Any) -> int | list[int]:
-    """Validate a token budget: an integer >= 1, or a non-empty list of distinct integers
-    >= 1 (budget buckets), returned sorted ascending. Raises ValueError."""
+    """Validate a token budget: an integer in [1, MAX_TOKENS], or a non-empty list of at most
+    MAX_BUCKETS distinct such integers (budget buckets), returned sorted ascending. Raises
+    ValueError."""
     if isinstance(value, list):
         if not value:
             raise ValueError("expected at least one token budget, got an empty list")
+        if len(value) > MAX_BUCKETS:
+            raise ValueError(f"expected at most {MAX_BUCKETS} token budgets (one engine each), "
+                             f"got {len(value)}")
         for i, v in enumerate(value):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"item {i}: expected an integer, got {_describe(v)}")
-            if v < 1:
-                raise ValueError(f"item {i}: must be >= 1, got {v}")
+            if not 1 <= v <= MAX_TOKENS:
+                raise ValueError(f"item {i}: must be >= 1 and <= {MAX_TOKENS}, got {_int(v)}")
         if len(set(value)) != len(value):
             raise ValueError(f"token budgets must be distinct, got {value}")
         return sorted(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected an integer, got {_describe(value)} (a token budget is an "
                          f"integer >= 1 or a list of them)")
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {value}")
+    if not 1 <= value <= MAX_TOKENS:
+        raise ValueError(f"must be >= 1 and <= {MAX_TOKENS}, got {_int(value)}")
     return value
+
+
+def _int(value: int) -> str:
+    return str(value) if abs(value) < 10**20 else f"{float(value):.3g}"
 
 
 #: A token budget K (``tokens_per_frame: 32``) or several budget buckets
@@ -165,9 +176,10 @@ def _check_budget(value: Any) -> int | list[int]:
 #: engine per bucket so the scheduler can degrade to a smaller one.
 TokenBudget = typing.Annotated[
     int | list[int], PlainValidator(_check_budget),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1},
-                              {"type": "array", "items": {"type": "integer", "minimum": 1},
-                               "minItems": 1, "uniqueItems": True}]})]
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_TOKENS},
+                              {"type": "array", "items": {"type": "integer", "minimum": 1,
+                                                          "maximum": MAX_TOKENS},
+                               "minItems": 1, "maxItems": MAX_BUCKETS, "uniqueItems": True}]})]
 
 
 def budget_values(budget: int | list[int]) -> list[int]:
@@ -363,7 +375,7 @@ class FullNode(NodeBase):
     raises a capacity error)."""
 
     op: Literal["full"]
-    capacity_tokens: int = Field(ge=1)
+    capacity_tokens: int = Field(ge=1, le=MAX_CACHE_TOKENS)
     """Capacity of the KV cache in slots."""
 
 
@@ -377,9 +389,9 @@ class SinkWindowNode(NodeBase):
     sinks) plus a window of the most recent `window_tokens`; capacity = sink + window."""
 
     op: Literal["sink_window"]
-    sink_tokens: int = Field(ge=0)
+    sink_tokens: int = Field(ge=0, le=MAX_CACHE_TOKENS)
     """Attention-sink slots kept from the start of the stream."""
-    window_tokens: int = Field(ge=1)
+    window_tokens: int = Field(ge=1, le=MAX_CACHE_TOKENS)
     """Slots of the recent window (evicted oldest first)."""
 
 
@@ -410,16 +422,16 @@ class StreamingVLMNode(NodeBase):
     `streaming_vlm/inference/inference.py` (techniques.md section 2)."""
 
     op: Literal["streaming_vlm"]
-    sink_tokens: int = Field(512, ge=0)
+    sink_tokens: int = Field(512, ge=0, le=MAX_CACHE_TOKENS)
     """Text attention-sink slots: the first text tokens of the stream (system prompt, then
     the first question/answer tokens), kept forever (StreamingVLM text_sink = 512)."""
-    text_window_tokens: int = Field(512, ge=1)
+    text_window_tokens: int = Field(512, ge=1, le=MAX_CACHE_TOKENS)
     """Slots of the long text window: the most recent text tokens after the sink
     (StreamingVLM text_sliding_window = 512)."""
-    vision_window_frames: int | None = Field(None, ge=1)
+    vision_window_frames: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Short vision window in frames (each frame takes K slots). At most one of
     `vision_window_frames` / `vision_window_seconds`."""
-    vision_window_seconds: float | None = Field(None, gt=0, allow_inf_nan=False)
+    vision_window_seconds: float | None = Field(None, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     """Short vision window in seconds of stream, turned into ceil(seconds x stream.fps)
     frames; default 16 (StreamingVLM window_size = 16 one-second chunks) when neither is
     given."""
@@ -470,23 +482,23 @@ class RekvNode(NodeBase):
     (techniques.md section 5)."""
 
     op: Literal["rekv"]
-    init_tokens: int = Field(128, ge=0)
+    init_tokens: int = Field(128, ge=0, le=MAX_CACHE_TOKENS)
     """Init slots (ReKV n_init): the system-prompt tokens at the start of the stream, kept
     forever; prompt tokens beyond them go to the local window."""
-    local_tokens: int = Field(2048, ge=1)
+    local_tokens: int = Field(2048, ge=1, le=MAX_CACHE_TOKENS)
     """Local window (ReKV n_local): most recent stream tokens attended while encoding
     frames. Must be >= block_tokens + the largest chunk, so a block is complete before its
     first token leaves the window."""
-    topk: int = Field(64, ge=1)
+    topk: int = Field(64, ge=1, le=MAX_COUNT)
     """Blocks retrieved per layer for a question (ReKV retrieve_size = 64)."""
-    block_tokens: int | None = Field(None, ge=1)
+    block_tokens: int | None = Field(None, ge=1, le=MAX_CACHE_TOKENS)
     """Tokens per block (ReKV block_size); default K, one block per frame."""
-    question_tokens: int = Field(256, ge=1)
+    question_tokens: int = Field(256, ge=1, le=MAX_CACHE_TOKENS)
     """Slots for the question prompt plus the answer (discarded after the answer)."""
-    store_blocks: int | None = Field(None, ge=1)
+    store_blocks: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Blocks the host block store keeps in RAM; older blocks spill to disk. At most one
     of `store_blocks` / `store_mb`; default 1024 blocks."""
-    store_mb: float | None = Field(None, gt=0, allow_inf_nan=False)
+    store_mb: float | None = Field(None, gt=0, le=MAX_MEMORY_MB, allow_inf_nan=False)
     """RAM cap of the host block store in MiB (payload + mean keys); older blocks spill to
     disk."""
 
@@ -544,12 +556,12 @@ class CarrierNode(NodeBase):
     (techniques.md section 8)."""
 
     op: Literal["carrier"]
-    sink_tokens: int = Field(128, ge=1)
+    sink_tokens: int = Field(128, ge=1, le=MAX_CACHE_TOKENS)
     """Slots for the system prompt at the start of the stream, kept forever."""
-    carriers: int = Field(64, ge=2)
+    carriers: int = Field(64, ge=2, le=MAX_CACHE_TOKENS)
     """Carrier memory in slots (VideoScan MAX_MEMORY_LIMIT = 64): after each frame at most
     `carriers - 1` carriers remain."""
-    question_tokens: int = Field(256, ge=1)
+    question_tokens: int = Field(256, ge=1, le=MAX_CACHE_TOKENS)
     """Slots for the question prompt plus the answer (discarded after the answer)."""
 
 
@@ -590,9 +602,9 @@ class DecoderNode(NodeBase):
     """Exactly one visual-token node and the built-in text source, e.g. `[pruner, query]`."""
     cache: NodeRef
     """Name of the KV-cache policy node."""
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, le=MAX_TOKENS)
     """Most tokens decoded per answer."""
-    prefill_chunk_tokens: int = Field(64, ge=1)
+    prefill_chunk_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     """Most text tokens per prefill chunk."""
 
 

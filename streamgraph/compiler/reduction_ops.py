@@ -90,7 +90,7 @@ class StcCacherNode(NodeBase):
     """Frame source; only the built-in `frames` exists."""
     update_ratio: float = Field(0.25, gt=0.0, le=1.0, allow_inf_nan=False)
     """Fraction r of tokens recomputed per layer on reuse frames (n = max(1, int(N·r)))."""
-    refresh_every: int = Field(2, ge=1)
+    refresh_every: int = Field(2, ge=1, le=1 << 20)  # limits.MAX_COUNT
     """A refresh (full encode that stores new reference buffers) every this many encoded
     frames; 1 = every frame (no reuse)."""
     skip_threshold: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)

@@ -31,6 +31,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
                       field_validator, model_validator)
 from pydantic.json_schema import GenerateJsonSchema
 
+from streamgraph.compiler import limits
 from streamgraph.compiler.ops import (OPS, SOURCES, DecoderNode, FullNode, NoneNode,
                                       SinkWindowNode, TopkSaliencyNode, VisionEncoderNode,
                                       op_names)
@@ -83,14 +84,22 @@ class ModelSpec(_Section):
 
     preset: ModelPreset | None = None
     """Built-in architecture with random weights (for tests and benchmarks)."""
-    hf: str | None = Field(None, min_length=1)
+    hf: str | None = Field(None, min_length=1, max_length=limits.MAX_PATH_CHARS)
     """Local directory of a Hugging Face checkpoint (config.json + safetensors); a
-    relative path is relative to the graph file."""
+    relative path is relative to the graph file. No control characters."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
     """Seed of the random weights of a preset."""
     dtype: Literal["float32", "float16"] = "float32"
     """Weight and activation dtype of the engines and the KV cache (softmax, norms and
     logits are computed in float32 either way)."""
+
+    @field_validator("hf")
+    @classmethod
+    def _printable_path(cls, hf: str | None) -> str | None:
+        if hf is not None and not hf.isprintable():
+            bad = next(c for c in hf if not c.isprintable())
+            raise ValueError(f"a checkpoint path cannot contain the control character {bad!r}")
+        return hf
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> "ModelSpec":
@@ -101,23 +110,36 @@ class ModelSpec(_Section):
         return self
 
 
+_FrameSide = Annotated[int, Field(ge=8, le=limits.MAX_FRAME_SIDE)]
+
+
 class StreamSpec(_Section):
     """The input frame stream."""
 
-    fps: float = Field(gt=0, allow_inf_nan=False)
-    """Sampling fps: frames per second taken from the source."""
-    frame_size: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]] = Field(
-        (64, 64), strict=False)
-    """[height, width] in pixels that frames are resized to (each >= 8)."""
+    fps: float = Field(gt=0, le=limits.MAX_FPS, allow_inf_nan=False)
+    """Sampling fps: frames per second taken from the source (at most 1000)."""
+    frame_size: tuple[_FrameSide, _FrameSide] = Field((64, 64), strict=False)
+    """[height, width] in pixels that frames are resized to (each 8 ... 16384, height x width
+    <= 2**26)."""
+
+    @field_validator("frame_size")
+    @classmethod
+    def _bounded_area(cls, size: tuple[int, int]) -> tuple[int, int]:
+        h, w = size
+        if h * w > limits.MAX_FRAME_PIXELS:
+            raise ValueError(f"frame area {h} x {w} = {h * w} pixels exceeds "
+                             f"{limits.MAX_FRAME_PIXELS} (2**26, e.g. 8192 x 8192)")
+        return size
 
 
 class SLOSpec(_Section):
     """Latency SLO of the pipeline."""
 
-    frame_deadline_ms: float = Field(gt=0, allow_inf_nan=False)
-    """Deadline of each frame: capture timestamp + this many milliseconds."""
-    ttft_ms: float = Field(gt=0, allow_inf_nan=False)
-    """Time-to-first-token deadline of a question, in milliseconds."""
+    frame_deadline_ms: float = Field(gt=0, le=limits.MAX_DEADLINE_MS, allow_inf_nan=False)
+    """Deadline of each frame: capture timestamp + this many milliseconds (at most one
+    day)."""
+    ttft_ms: float = Field(gt=0, le=limits.MAX_DEADLINE_MS, allow_inf_nan=False)
+    """Time-to-first-token deadline of a question, in milliseconds (at most one day)."""
     overload: OverloadPolicy = "drop_late"
     """What the scheduler does under overload: `drop_late` drops frames that cannot meet
     their deadline; `latest_only` keeps only the newest pending frame; `degrade` runs at the
@@ -128,8 +150,8 @@ class SLOSpec(_Section):
 class BudgetSpec(_Section):
     """Resource budget the plan must fit in."""
 
-    memory_mb: float = Field(gt=0, allow_inf_nan=False)
-    """Device memory for weights, KV cache and activations, in MiB."""
+    memory_mb: float = Field(gt=0, le=limits.MAX_MEMORY_MB, allow_inf_nan=False)
+    """Device memory for weights, KV cache and activations, in MiB (at most 1 PiB)."""
 
 
 #: Discriminated union of every registered op's params model (discriminator: ``op``).
@@ -142,12 +164,13 @@ class GraphSpec(_Section):
 
     version: Literal[1]
     """Graph file format version."""
-    name: str = Field(pattern=GRAPH_NAME_PATTERN)
-    """Pipeline name; also the build directory name (build/<name>)."""
+    name: str = Field(pattern=GRAPH_NAME_PATTERN, max_length=limits.MAX_NAME_CHARS)
+    """Pipeline name; also the build directory name (build/<name>): 1 to 128 characters."""
     model: ModelSpec
     stream: StreamSpec
     nodes: dict[str, NodeSpec] = Field(json_schema_extra={"propertyNames": {
-        "pattern": NODE_NAME_PATTERN, "not": {"enum": list(RESERVED_NODE_NAMES)}}})
+        "pattern": NODE_NAME_PATTERN, "maxLength": limits.MAX_NAME_CHARS,
+        "not": {"enum": list(RESERVED_NODE_NAMES)}}})
     """Graph nodes by name; each names an `op`, edges are the `input:` and `cache:`
     fields."""
     slo: SLOSpec
@@ -219,8 +242,13 @@ def _sorted(value: Any) -> Any:
 
 
 def _node_name_problem(name: Any) -> str | None:
-    if not isinstance(name, str) or not re.match(NODE_NAME_PATTERN, name):
-        return f"invalid node name {name!r}: {_PATTERN_HINTS[NODE_NAME_PATTERN]}"
+    # fullmatch, not match: `$` also matches before a trailing newline
+    if not isinstance(name, str) or not re.fullmatch(NODE_NAME_PATTERN.strip("^$"), name):
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 40 else repr(name[:40]) + "..."
+        return f"invalid node name {shown}: {_PATTERN_HINTS[NODE_NAME_PATTERN]}"
+    if len(name) > limits.MAX_NAME_CHARS:
+        return (f"node name {name[:20]!r}... has {len(name)} characters; at most "
+                f"{limits.MAX_NAME_CHARS} are allowed")
     if name in SOURCES:
         return (f"node name {name!r} is reserved for the built-in "
                 f"{SOURCES[name].value} source; choose another name")
@@ -339,10 +367,46 @@ _Issue = tuple[tuple[Any, ...], str, bool, bool]
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 exponent floats (``1e3``; YAML 1.1 needs ``1.0e+3`` and
+    reads ``1e3`` as a string), a nesting limit (the composer recurses per level) and
+    constructor failures (``2020-13-45``, an integer of 5000 digits) as located YAML
+    errors."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        self._depth += 1
+        try:
+            if self._depth > limits.MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nesting deeper than {limits.MAX_YAML_DEPTH} levels",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node, deep=False):  # type: ignore[override]
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.tag.rsplit(':', 1)[-1]} {node.value!r:.40}: "
+                f"{exc}", node.start_mark) from None
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def _compose(text: str, filename: str) -> tuple[yaml.Node | None, Any]:
     """Compose (positions) and construct (values) one YAML document."""
+    loader = None
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         try:
             root = loader.get_single_node()
             # before constructing: the constructor flattens `<<` merge keys in place
@@ -373,11 +437,12 @@ def _compose(text: str, filename: str) -> tuple[yaml.Node | None, Any]:
         shown = f"#x{char:04x}" if isinstance(char, int) else repr(char)
         raise SpecError(f"invalid YAML: unacceptable character {shown}: {exc.reason}",
                         file=filename, line=line, col=col) from None
-    except yaml.YAMLError as exc:
-        msg = (str(exc).strip().splitlines() or ["malformed YAML"])[0]
-        raise SpecError(_one_line(f"invalid YAML: {msg}"), file=filename) from None
-    except RecursionError:
-        raise SpecError("invalid YAML: nesting too deep", file=filename) from None
+    except (yaml.YAMLError, RecursionError) as exc:  # no mark: where the reader stopped
+        msg = ((str(exc).strip().splitlines() or ["malformed YAML"])[0]
+               if isinstance(exc, yaml.YAMLError) else "nesting too deep")
+        line, col = ((loader.line + 1, loader.column + 1) if loader is not None else (1, 1))
+        raise SpecError(_one_line(f"invalid YAML: {msg}"), file=filename, line=line,
+                        col=col) from None
     return root, data
 
 
@@ -489,7 +554,7 @@ def _parse_node(name: Any, body: Any, issues: list[_Issue]) -> BaseModel | None:
         return None
     op = body["op"]
     if not isinstance(op, str) or op not in OPS:
-        got = repr(op) if isinstance(op, str) else _describe(op)
+        got = _short(op) if isinstance(op, str) else _describe(op)
         message = f"unknown op {got} (allowed: {', '.join(op_names())})"
         if isinstance(op, str):
             message += _did_you_mean(op, op_names())
@@ -516,18 +581,30 @@ def _describe(value: Any) -> str:
     if isinstance(value, float):
         return f"number {value}"
     if isinstance(value, str):
-        return f"string {value!r}"
+        return f"string {_short(value)}"
     if isinstance(value, (list, tuple)):
         return "a list"
     if isinstance(value, dict):
         return "a mapping"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {_short(value)}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters with ``...``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _num(value: Any) -> str:
-    """``5.0`` -> ``5``; other values unchanged."""
-    if isinstance(value, float) and value.is_integer():
+    """``5.0`` -> ``5``, ``1e39`` -> ``1e+39``, an integer of more than 20 digits in
+    scientific notation; other values unchanged."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e16:
         return str(int(value))
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        try:
+            return f"{float(value):.3g}"
+        except OverflowError:
+            return f"an integer of {len(str(abs(value)))} digits"
     return str(value)
 
 
@@ -602,13 +679,13 @@ def _convert_errors(exc: ValidationError, model: type[BaseModel],
         elif kind == "literal_error":
             tp = _type_at(model, loc)
             values = typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
-            shown = value if isinstance(value, (str, int, float)) else got
+            shown = _short(value) if isinstance(value, (str, int, float)) else repr(got)
             if len(values) == 1:
-                message = f"expected {values[0]!r}, got {shown!r}"
+                message = f"expected {values[0]!r}, got {shown}"
             elif values:
-                message = f"expected one of {', '.join(map(repr, values))}, got {shown!r}"
+                message = f"expected one of {', '.join(map(repr, values))}, got {shown}"
             else:
-                message = f"expected {ctx.get('expected', '?')}, got {shown!r}"
+                message = f"expected {ctx.get('expected', '?')}, got {shown}"
         elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
             op, bound = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"),
                          "less_than": ("<", "lt"), "less_than_equal": ("<=", "le")}[kind]
@@ -639,10 +716,13 @@ def _convert_errors(exc: ValidationError, model: type[BaseModel],
                        f"got {ctx.get('actual_length')}")
         elif kind == "string_too_short":
             message = "must not be empty"
+        elif kind == "string_too_long":
+            message = (f"must be at most {ctx.get('max_length')} characters, got "
+                       f"{len(value) if isinstance(value, str) else '?'}")
         elif kind == "string_pattern_mismatch":
             pattern = ctx.get("pattern", "")
             hint = _PATTERN_HINTS.get(pattern, f"must match {pattern}")
-            message = f"{hint}, got {value!r}"
+            message = f"{hint}, got {_short(value)}"
         elif kind in ("value_error", "assertion_error"):
             message = re.sub(r"^(Value error|Assertion failed), ", "", err["msg"])
         else:
