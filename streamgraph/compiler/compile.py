@@ -84,8 +84,9 @@ def check_graph(path: str | Path, build_weights: bool = True) -> CheckedGraph:
                          max_frame_tokens=pipeline.max_frame_tokens,
                          fps=float(spec.stream.fps))
     except PlanError as e:
-        line, col = spec.locate(("budget", "memory_mb")) or (None, None)
-        raise SpecError(str(e), file=spec.source_file, line=line, col=col, field="budget.memory_mb") from None
+        field = getattr(e, "field", None)  # CachePlanError: a parameter of the cache node
+        path = ("nodes", pipeline.cache, field) if field else ("budget", "memory_mb")
+        raise spec.error_at(path, str(e)) from None
     return CheckedGraph(spec, pipeline, cfg, plan, model, modules)
 
 

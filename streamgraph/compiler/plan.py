@@ -7,14 +7,22 @@ buffer ``kv_cache[L, 2, B, Hkv, S, Dh]`` (DESIGN.md, "The static KV contract").
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
-
-import numpy as np
 
 from streamgraph.errors import PlanError
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8, "bool": 1}
 MiB = 1024 * 1024
+
+
+class CachePlanError(PlanError):
+    """A cache policy parameter the plan cannot work with; ``field`` names it (a field of
+    the graph's cache node), so the graph checker can locate the error there."""
+
+    def __init__(self, message: str, *, field: str | None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -219,11 +227,11 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
                                            max_new_tokens),
                               cfg, b, dtype)
     except ShapeError as e:
-        raise PlanError(f"cache {cache['op']}: {e.field}: {e.message}") from None
+        raise CachePlanError(e.message, field=e.field) from None
     cap = layout["capacity"]
     t_max = max(max(k, max_frame_tokens or 0) + layout["frame_extra_tokens"], prefill_chunk_tokens)
     kv_shape = [x.num_hidden_layers, 2, b, x.num_key_value_heads, cap, x.head_dim]
-    kv_bytes = int(np.prod(kv_shape)) * DTYPE_BYTES[dtype]
+    kv_bytes = math.prod(kv_shape) * DTYPE_BYTES[dtype]  # exact: numpy's int64 can overflow
     h, w = v.image_size
     f, i64, bl = dtype, "int64", "bool"
 
