@@ -242,3 +242,82 @@ def test_op_exports_with_dynamo_and_ort_matches_torch(tmp_path, op, params, k):
             else:
                 np.testing.assert_array_equal(got[name], want[name], err_msg=f"{op} {name} step {step}")
         state = {s.name: got[f"next_{s.name}"] for s in ins[1:]}
+
+
+# --------------------------------------------------------------------------- positions: keep
+
+def _dtd_kept_reference(visual: list[np.ndarray], threshold: float, budgets: list[int]) -> list[list[int]]:
+    """TimeChat-Online's feature-method DTD (techniques.md §4.2), brute force in float64: the
+    first frame whole; then token p is kept when cos(prev[p], cur[p]) <= τ, prev being the
+    previous frame's full map; of those the ``budget`` least similar (this implementation's
+    cap, docs/token-reduction.md). Returns each frame's kept token indices, ascending."""
+    kept, prev = [], None
+    for x, k in zip(visual, budgets):
+        x = x.astype(np.float64)
+        if prev is None:
+            kept.append(list(range(len(x))))
+        else:
+            sim = [min(1.0, max(-1.0, float(prev[p] @ x[p]) / (max(np.linalg.norm(prev[p]), 1e-8)
+                                                                 * max(np.linalg.norm(x[p]), 1e-8))))
+                   for p in range(len(x))]
+            assert all(abs(s - threshold) > 1e-6 for s in sim), "a token sits on the threshold: fragile"
+            cand = sorted((p for p in range(len(x)) if sim[p] <= threshold), key=lambda p: sim[p])[:k]
+            kept.append(sorted(cand))
+        prev = x
+    return kept
+
+
+def test_dtd_positions_keep_reserves_every_frame_token_position(tmp_path):
+    """docs/token-reduction.md: with `positions: keep` and the `full` cache, kept tokens keep
+    their positions in the stream ("positional reservation", techniques.md §4.2 step 5): token
+    j of frame f sits at base + f·N + j, whatever was dropped before it — trailing dropped
+    tokens and frames that keep nothing included — and the question after F frames starts at
+    base + F·N, exactly where it would without any drop."""
+    g = red_graph(tmp_path, "dtdpos", reducer="{op: dtd, input: encoder, tokens_per_frame: [16, 64], "
+                                              "threshold: 0.995, positions: keep}")
+    g.write_text(g.read_text().replace("{op: sink_window, sink_tokens: 4, window_tokens: 256}",
+                                       "{op: full, capacity_tokens: 384}"))
+    s = Session.open(compile_graph(g, tmp_path / "b", target="torch").bundle.path, "torch", trace=True)
+    from streamgraph.runtime.sources import Frame
+
+    base = sum(t["n_valid"] for t in s.trace)                        # the prompt prefix
+    calls, run = [], s.backend.run
+
+    def spy(name, feeds):
+        out = run(name, feeds)
+        calls.append((name, {k: np.array(v) for k, v in {**feeds, **out}.items()}))
+        return out
+
+    s.backend.run = spy
+    # 8x8-pixel blocks (one patch each) of a still picture repainted at random per frame; the
+    # last block row only every third frame, so most frames drop their trailing tokens
+    rng = np.random.default_rng(0)
+    img, fl = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), []
+    for i in range(9):
+        img = img.copy()
+        if i != 5:                                                   # frame 5 = frame 4: keeps nothing
+            for b in rng.choice(56 if i % 3 else 64, 20, replace=False):
+                r, c = divmod(int(b), 8)
+                img[8 * r:8 * r + 8, 8 * c:8 * c + 8] = rng.integers(0, 256, (8, 8, 3))
+        fl.append(Frame(image=img, timestamp=i / 2, index=i, source_index=i))
+    budgets = [64 if i % 3 else 16 for i in range(len(fl))]          # bucket switching
+    visual, steps = [], []
+    for f, k in zip(fl, budgets):
+        calls.clear()
+        s.push_frame(f, budget=k)
+        visual.append(next(c["visual_tokens"][0] for n, c in calls if n == "vision_encoder"))
+        steps.append([c for n, c in calls if n == "decoder_step"])
+    kept = _dtd_kept_reference(visual, 0.995, budgets)
+    n = visual[0].shape[0]
+    assert not kept[5] and not steps[5], "an unchanged frame keeps no token and runs no decoder step"
+    assert any(len(kept[f]) == 16 < 20 for f in (3, 6, 9)), "the budget cap applies"
+    assert sum(1 for f in range(1, len(fl)) if kept[f] and kept[f][-1] < n - 1) >= 3   # trailing drops
+    for f, (want, st) in enumerate(zip(kept, steps)):
+        if want:
+            (c,) = st
+            nv = int(c["token_valid"][0].sum())
+            assert c["positions"][0, :nv].tolist() == [base + f * n + j for j in want], f"frame {f}"
+    calls.clear()
+    "".join(s.ask("What moved?"))
+    first = next(c for name, c in calls if name == "decoder_step")
+    assert int(first["positions"][0, 0]) == base + len(fl) * n

@@ -156,6 +156,12 @@ class CachePolicy(ABC):
         valid tokens first. Default: unchanged. (``carrier`` appends the carrier token.)"""
         return tokens, n_valid, offsets
 
+    def reserve_positions(self, n: int) -> None:
+        """Advance the stream position by ``n`` without writing a token: a frame reduced with
+        ``positions: keep`` spans all its N encoder tokens' positions, so its trailing dropped
+        tokens (all N when it keeps none) still move the next token's position. Policies that
+        renumber positions contiguously ignore it (default); ``full`` honours it."""
+
     def prepare_question(self, run_retrieval_pass: Callable[[], None]) -> None:
         """Called before a question's prompt is prefilled. ``run_retrieval_pass()`` prefills
         the question text once with kind ``"retrieval"`` (its KV is discarded); a policy that
@@ -197,6 +203,9 @@ class FullCache(CachePolicy):
         super().commit(plan)
         if plan.n_new:
             self.next_position = int(plan.positions[plan.n_new - 1]) + 1
+
+    def reserve_positions(self, n: int) -> None:
+        self.next_position += int(n)
 
 
 class SinkWindowCache(CachePolicy):

@@ -19,7 +19,8 @@ A plain ``vision_encoder`` graph always reports ``full``.
 (``reducer_k{K}``), owns the reducer's state tensors (zeros at stream start, replaced by the
 engine's ``next_state_*`` outputs after every run) and returns the valid prefix of the reduced
 tokens. For a reducer that sends the first frame whole (DTD) the first frame's engine run only
-initialises the state and all N encoder tokens are returned.
+initialises the state and all N encoder tokens are returned. With ``positions: keep`` a frame
+occupies the positions of all its N encoder tokens whatever it keeps (see :class:`ReducedFrame`).
 """
 from __future__ import annotations
 
@@ -84,12 +85,21 @@ class EncoderStage:
 @dataclass
 class ReducedFrame:
     """A frame's tokens for the decoder: the valid prefix ``tokens [1,n,C]``, position offsets
-    of those tokens (``positions: keep``) or None, and the budget the frame ran at."""
+    of those tokens (``positions: keep``) or None, the budget the frame ran at, and
+    ``reserved``: with ``positions: keep``, the positions the frame still occupies after its
+    last kept token (its trailing dropped tokens; all N when it keeps none), 0 otherwise.
+
+    With ``positions: keep`` a frame spans its N encoder tokens' positions whatever it keeps
+    (the reference's "positional reservation", techniques.md §4.2): token j of the frame sits at
+    ``frame start + offsets[j]`` and the next token at ``frame start + N``. The session passes
+    ``offsets`` to the cache policy's ``plan_step`` and ``reserved`` to its
+    ``reserve_positions``; policies that renumber positions contiguously ignore both."""
 
     tokens: np.ndarray
     n_valid: int
     offsets: np.ndarray | None
     budget: int
+    reserved: int = 0
 
 
 class ReducerStage:
@@ -141,5 +151,11 @@ class ReducerStage:
         if not keep[:n_valid].all():
             raise RuntimeError(f"reducer engine {self.plan.reducer_engine(budget)} returned valid tokens "
                                f"that are not a prefix: keep_mask {keep.astype(int).tolist()}")
-        offsets = out["source_index"][0][:n_valid] if self.keep_positions else None
-        return ReducedFrame(out["tokens"][:, :n_valid], n_valid, offsets, budget)
+        if not self.keep_positions:
+            return ReducedFrame(out["tokens"][:, :n_valid], n_valid, None, budget)
+        offsets = out["source_index"][0][:n_valid].astype(np.int64)
+        if n_valid and (offsets[0] < 0 or offsets[-1] >= n or (n_valid > 1 and (np.diff(offsets) <= 0).any())):
+            raise RuntimeError(f"reducer engine {self.plan.reducer_engine(budget)} returned source_index "
+                               f"{offsets.tolist()}: not ascending within [0, {n})")
+        reserved = n - (int(offsets[-1]) + 1 if n_valid else 0)
+        return ReducedFrame(out["tokens"][:, :n_valid], n_valid, offsets, budget, reserved)

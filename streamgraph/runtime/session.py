@@ -232,6 +232,8 @@ class Session(StreamBase):
             self._segment_frames += 1
         elif reduced.n_valid:
             self._decoder_step(reduced.tokens, reduced.n_valid, "frame", commit=False)
+        if commit and reduced.reserved:     # positions: keep: the frame spans all N positions
+            self.policy.reserve_positions(reduced.reserved)
         stage_s["prefill"] = time.perf_counter() - t2
         return stage_s, reduced.n_valid, reduced.budget, mode
 
