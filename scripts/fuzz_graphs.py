@@ -214,7 +214,8 @@ NASTY_NUMBERS: list[Any] = [
 ]
 NASTY_OTHER: list[Any] = [
     True, False, None, "", "x", "1e3", "2", "nan", "frames", "query", ".", "..", "a" * 129,
-    "a/b", "../../etc", "/abs/path", "\x00", "é", "名前", "😀", "\u2028", [], {}, [1, 2],
+    "a/b", "../../etc", "/abs/path", "a" * 300, "~no_such_user_sg/x", "/etc/passwd", "/",
+    "/dev/null", "\x00", "é", "名前", "😀", "\u2028", [], {}, [1, 2],
     [16, 16], [64, 64, 3], {"a": 1}, {"op": "none"}, [[[]]], [None], ["pruner", "query", "query"],
 ]
 KEYS = ["op", "input", "cache", "tokens_per_frame", "positions", "capacity_tokens", "sink_tokens",

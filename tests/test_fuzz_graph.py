@@ -176,3 +176,33 @@ def test_plan_error_of_a_cache_parameter_is_located_at_it(tmp_path):
     err = info.value
     assert (err.line, err.col, err.field) == (line, col, "nodes.cache.store_mb"), str(err)
     assert "less than one block" in err.message and "\n" not in str(err)
+
+
+@pytest.mark.parametrize("hf,fragment", [
+    ("a" * 300, "255"),                          # ENAMETOOLONG from the file system
+    ("~no_such_user_sg/ckpt", "does not exist"),  # Path.expanduser raised RuntimeError
+])
+def test_checkpoint_paths_the_os_refuses_are_located(tmp_path, hf, fragment):
+    from streamgraph.compiler.compile import check_graph
+
+    path = _graph(tmp_path, "{preset: tiny, seed: 0}", f"{{hf: '{hf}'}}")
+    with pytest.raises(StreamgraphError) as info:
+        check_graph(path, build_weights=False)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}:3:13: model.hf: ") and fragment in msg and "\n" not in msg, msg
+
+
+def test_os_error_reading_a_checkpoint_is_located(tmp_path, monkeypatch):
+    """An OSError while reading the checkpoint directory (EACCES, EIO) is a located
+    CheckpointError, not an unlocated OSError."""
+    import streamgraph.models.hf as hf_mod
+    from streamgraph.compiler.compile import check_graph
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(hf_mod, "open_checkpoint", denied)
+    path = _graph(tmp_path, "{preset: tiny, seed: 0}", "{hf: ckpt}")
+    with pytest.raises(hf_mod.CheckpointError) as info:
+        check_graph(path, build_weights=False)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}:3:13: model.hf: ") and "Permission denied" in msg, msg

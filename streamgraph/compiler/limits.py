@@ -14,6 +14,8 @@ from __future__ import annotations
 MAX_NAME_CHARS = 128
 #: Longest ``model.hf`` path, in characters (Linux PATH_MAX).
 MAX_PATH_CHARS = 4096
+#: Longest component of a ``model.hf`` path, in UTF-8 bytes (Linux NAME_MAX).
+MAX_PATH_PART_BYTES = 255
 #: Deepest nesting of YAML collections in a graph file (a valid one needs 4).
 MAX_YAML_DEPTH = 64
 

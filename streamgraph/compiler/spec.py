@@ -95,10 +95,16 @@ class ModelSpec(_Section):
 
     @field_validator("hf")
     @classmethod
-    def _printable_path(cls, hf: str | None) -> str | None:
-        if hf is not None and not hf.isprintable():
+    def _usable_path(cls, hf: str | None) -> str | None:
+        if hf is None:
+            return hf
+        if not hf.isprintable():
             bad = next(c for c in hf if not c.isprintable())
             raise ValueError(f"a checkpoint path cannot contain the control character {bad!r}")
+        for part in hf.split("/"):
+            if len(part.encode("utf-8", "surrogatepass")) > limits.MAX_PATH_PART_BYTES:
+                raise ValueError(f"path component {part[:20]!r}... is longer than "
+                                 f"{limits.MAX_PATH_PART_BYTES} bytes (a file name's limit)")
         return hf
 
     @model_validator(mode="after")
@@ -219,8 +225,9 @@ class GraphSpec(_Section):
 
     def resolve_path(self, path: str | os.PathLike) -> Path:
         """``path`` made absolute relative to the graph file's directory (the current
-        directory if the spec was not read from a file)."""
-        p = Path(path).expanduser()
+        directory if the spec was not read from a file); ``~`` and ``~user`` are expanded
+        when they name a home directory."""
+        p = Path(os.path.expanduser(path))  # an unknown ~user stays as written
         if p.is_absolute():
             return p
         src = Path(self._source_file)

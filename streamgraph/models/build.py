@@ -22,7 +22,8 @@ def hf_checkpoint(spec):
     (``DIR`` relative to the graph file), read once per directory state.
 
     Raises the loader's :class:`~streamgraph.models.hf.CheckpointError` subclass with the
-    message prefixed by the graph file's ``FILE:LINE:COL: model.hf:``."""
+    message prefixed by the graph file's ``FILE:LINE:COL: model.hf:`` (an OSError reading
+    the directory becomes a CheckpointError too)."""
     from streamgraph.models.hf import CheckpointError, open_checkpoint
 
     path = spec.resolve_path(spec.model.hf)
@@ -35,10 +36,13 @@ def hf_checkpoint(spec):
         return _CKPT_CACHE[key]
     try:
         ckpt = open_checkpoint(path)
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:  # OSError: EACCES, EIO, ... reading the directory
         line, col = spec.locate(("model", "hf")) or (None, None)
         where = spec.source_file + (f":{line}:{col}" if line is not None else "")
-        raise type(e)(f"{where}: model.hf: {e}") from None
+        if isinstance(e, CheckpointError):
+            raise type(e)(f"{where}: model.hf: {e}") from None
+        raise CheckpointError(f"{where}: model.hf: {path}: cannot read the checkpoint: "
+                              f"{e.strerror or e}") from None
     _CKPT_CACHE.clear()
     _CKPT_CACHE[key] = ckpt
     return ckpt
