@@ -115,9 +115,14 @@ def _load(bundle_dir):
     return load_model(VLMConfig.from_dict(man["model"]["config"]), bundle_dir / "weights.safetensors")
 
 
-def _stream(bundle_dir, n1=10, n2=3, questions=("What happens?", "And now?"), snap=None):
-    """frames, question, frames, question — the session's trace (and per-question snapshots)."""
+def _stream(bundle_dir, n1=10, n2=3, questions=("What happens?", "And now?"), snap=None, video_end=False):
+    """frames, question, frames, question — the session's trace (and per-question snapshots).
+    ``video_end``: give the session a video-end embedding (as LLaVA-OneVision bundles have
+    ``image_newline``), prefilled as one ``video_end`` chunk when a question closes frames."""
     s = Session.open(bundle_dir, "torch", overload="none", trace=True)
+    if video_end:
+        c = s.plan.hidden_size
+        s._video_end = np.random.default_rng(7).standard_normal((1, 1, c)).astype(np.float32)
     for f in frames(n1):
         s.push_frame(f)
     "".join(s.ask(questions[0]))
@@ -149,33 +154,73 @@ def _check_logits(trace, ref, skip=("retrieval",), tol=1e-4):
 
 
 # ----------------------------------------------------------------------------- StreamingVLM
+#: StreamingVLM keeps the system prompt and assistant text ("previous text"); the user turn
+#: (question prompt, the video-end token, the turn wrapper) is kept only while its round is
+#: the current one (techniques.md 2.3 step 1a/1c: when a round ages out its user text and
+#: the assistant wrapper are deleted, its assistant text is kept).
+SVLM_KEEP = ("prefix", "decode")
+
+
+class SvlmReference:
+    """StreamingVLM's retained set over explicit token lists (the rule, independently of the
+    slot planner): ``sink`` = the first ``sink`` system/assistant text tokens; the text window
+    = the most recent ``text_window`` live text tokens after them (a chunk evicts the oldest
+    as it needs room; evicted tokens are gone); a ``resume`` chunk opens a new round and
+    deletes the text of the round before it except its assistant text; frames = the last
+    ``window_frames`` frames. ``step(kind, n)`` returns the retained tokens (seq order)
+    the chunk attends to and records the chunk's tokens."""
+
+    def __init__(self, sink, text_window, window_frames):
+        self.sink, self.tw, self.nf = sink, text_window, window_frames
+        self.toks: list[dict] = []            # live tokens: seq, what ("keep"/"round"/"frame"), round/frame
+        self.seq = self.round = self.n_frames = self.n_keep = 0
+
+    def step(self, kind, n):
+        if kind == "frame" and n == 0:         # a frame without tokens changes nothing
+            return list(self.toks), []
+        if kind == "frame":
+            keep = set(range(max(0, self.n_frames - (self.nf - 1)), self.n_frames))
+            self.toks = [t for t in self.toks if t["what"] != "frame" or t["frame"] in keep]
+            ctx = list(self.toks)
+            new = [{"what": "frame", "frame": self.n_frames} for _ in range(n)]
+            self.n_frames += 1
+        else:
+            if kind == "resume":              # the current round ages out
+                self.toks = [t for t in self.toks if t["what"] != "round"]
+                self.round += 1
+            keep = kind in SVLM_KEEP
+            n_sink = max(0, min(n, self.sink - self.n_keep)) if keep else 0
+            n_w = n - n_sink
+            window = [t for t in self.toks if t["what"] == "round" or (t["what"] == "keep" and not t["sink"])]
+            if len(window) + n_w > self.tw:
+                gone = {id(t) for t in window[:len(window) + n_w - self.tw]}
+                self.toks = [t for t in self.toks if id(t) not in gone]
+            ctx = list(self.toks)
+            new = [{"what": "keep" if keep else "round", "sink": j < n_sink, "round": self.round}
+                   for j in range(n)]
+            self.n_keep += n if keep else 0
+        for t in new:
+            t["seq"] = self.seq
+            self.seq += 1
+        self.toks += new
+        return ctx, new
+
+
 def reference_streaming_vlm(model, trace, sink, text_window, window_frames):
     """StreamingVLM shrink mode over a list cache: returns each chunk's last logits."""
     dec = BruteDecoder(model)
-    toks: list[Tok] = []
-    frame_of: dict[int, int] = {}
-    out, n_frames = [], 0
+    ref = SvlmReference(sink, text_window, window_frames)
+    kv: dict[int, Tok] = {}
+    out = []
     for t in trace:
         n = t["n_valid"]
         emb = t["inputs_embeds"][0, :n]
-        is_frame = t["kind"] == "frame"
-        text = [x for x in toks if x.kind == "text"]
-        rest = text[sink:]
-        n_w = 0 if is_frame else len(text) + n - max(sink, len(text))
-        if len(rest) + n_w > text_window:                      # evict_for_space on the window
-            rest = rest[len(rest) - (text_window - n_w):]
-        keep_frames = window_frames - 1 if is_frame else window_frames
-        recent = set(range(max(0, n_frames - keep_frames), n_frames))
-        vis = [x for x in toks if x.kind == "frame" and frame_of[x.seq] in recent]
-        ctx = sorted(text[:sink] + rest + vis, key=lambda x: x.seq)
-        m = len(ctx)
-        logits, ks, vs, _ = dec.run(emb, np.arange(m, m + n), _contiguous(ctx))
-        new = dec.tokens(ks, vs, "frame" if is_frame else "text", len(toks), np.arange(m, m + n))
-        for x in new:
-            if is_frame:
-                frame_of[x.seq] = n_frames
-        n_frames += is_frame
-        toks += new
+        ctx, new = ref.step(t["kind"], n)
+        toks = [kv[x["seq"]] for x in ctx]
+        m = len(toks)
+        logits, ks, vs, _ = dec.run(emb, np.arange(m, m + n), _contiguous(toks))
+        for x, tok in zip(new, dec.tokens(ks, vs, t["kind"], new[0]["seq"] if new else 0, np.arange(m, m + n))):
+            kv[x["seq"]] = tok
         out.append(logits)
     return out
 
@@ -184,12 +229,18 @@ def test_streaming_vlm_matches_brute_force(tmp_path):
     b = torch_bundle(tmp_path, name="svlm", chunk=16,
                      cache="{op: streaming_vlm, sink_tokens: 40, text_window_tokens: 48, "
                            "vision_window_seconds: 1.5}")             # 1.5 s at 2 fps = 3 frames
-    s = _stream(b)
+    s = _stream(b, video_end=True)
     assert s.plan.cache["regions"][2] == {"name": "vision_window", "start": 88, "slots": 48,
                                           "bytes": 48 * s.kv.data[:, :, :, :, 0].nbytes}
     assert s.policy.frame_count == 14 and s.policy.text_count > 40 + 48      # both windows wrapped
+    kinds = [t["kind"] for t in s.trace]
+    assert kinds.count("resume") == 2 and "decode" in kinds              # two rounds aged out
+    assert kinds.count("video_end") == 2
     ref = reference_streaming_vlm(_load(b), s.trace, 40, 48, 3)
     _check_logits(s.trace, ref)
+
+
+_SVLM_KINDS = ("frame", "prefix", "question", "video_end", "decode", "resume")
 
 
 @settings(max_examples=150, deadline=None)
@@ -197,30 +248,51 @@ def test_streaming_vlm_matches_brute_force(tmp_path):
        data=st.data())
 def test_streaming_vlm_retains_reference_set_with_gapless_positions(sink, tw, nf, k, data):
     pol = StreamingVLMCache(sink, tw, nf, k)
-    kinds = []                                    # per token ever written: "text"/frame id
-    n_frames = 0
-    for _ in range(data.draw(st.integers(1, 25))):
-        is_frame = data.draw(st.booleans())
-        n = data.draw(st.integers(1, k)) if is_frame else data.draw(st.integers(1, tw))
-        step = pol.plan_step(n + 1, n, kind="frame" if is_frame else "question")
-        text = [i for i, x in enumerate(kinds) if x == "text"]
-        rest = text[sink:]
-        n_w = 0 if is_frame else len(text) + n - max(sink, len(text))
-        if len(rest) + n_w > tw:
-            rest = rest[len(rest) - (tw - n_w):]
-        keep = nf - 1 if is_frame else nf
-        vis = [i for i, x in enumerate(kinds) if x != "text" and x >= n_frames - keep]
-        expect = sorted(text[:sink] + rest + vis)
+    ref = SvlmReference(sink, tw, nf)
+    for _ in range(data.draw(st.integers(1, 30))):
+        kind = data.draw(st.sampled_from(_SVLM_KINDS))
+        n = data.draw(st.integers(1, k)) if kind == "frame" else data.draw(st.integers(1, tw))
+        step = pol.plan_step(n + 1, n, kind=kind)
+        ctx, _ = ref.step(kind, n)
+        expect = [x["seq"] for x in ctx]
         visible = np.flatnonzero(step.cache_valid)
         assert sorted(pol.slot_seq[visible].tolist()) == expect
         order = visible[np.argsort(pol.slot_seq[visible])]
         assert step.cache_positions[order].tolist() == list(range(len(expect)))   # no gaps, from 0
         assert step.positions.tolist() == list(range(len(expect), len(expect) + n + 1))
         assert not step.cache_valid[step.write_slots[:n]].any()
+        assert len(set(step.write_slots[:n].tolist())) == n and (step.write_slots[:n] >= 0).all()
         pol.commit(step)
-        kinds += [n_frames if is_frame else "text"] * n
-        n_frames += is_frame
         assert pol.slots_in_use <= pol.capacity
+
+
+def test_streaming_vlm_keeps_answers_and_drops_old_questions():
+    """A question's prompt is gone once its round is over; its answer stays (StreamingVLM's
+    "previous text"), and the system prompt stays in the sink."""
+    pol = StreamingVLMCache(4, 64, 2, 2)
+    seq_of = {}
+
+    def run(kind, n, tag):
+        step = pol.plan_step(n, n, kind=kind)
+        pol.commit(step)
+        seq_of[tag] = set(range(pol.tokens_seen - n, pol.tokens_seen))
+
+    run("prefix", 3, "system")
+    run("frame", 2, "f0")
+    run("question", 5, "q1")
+    for i in range(3):
+        run("decode", 1, f"a1.{i}")
+    live = lambda: set(pol.slot_seq[pol.slot_seq >= 0].tolist())  # noqa: E731
+    assert seq_of["q1"] <= live()                    # the current round is kept verbatim
+    run("resume", 4, "r1")
+    run("frame", 2, "f1")
+    run("video_end", 1, "ve2")
+    run("question", 5, "q2")
+    kept = live()
+    assert not seq_of["q1"] & kept                   # the aged round's question is gone
+    assert seq_of["system"] | seq_of["a1.0"] | seq_of["a1.1"] | seq_of["a1.2"] <= kept
+    assert seq_of["r1"] | seq_of["ve2"] | seq_of["q2"] <= kept
+    assert set(np.flatnonzero(pol.slot_seq[:4] >= 0).tolist()) == {0, 1, 2, 3}   # sink: system + first answer token
 
 
 # ----------------------------------------------------------------------------- ReKV
@@ -285,8 +357,9 @@ def reference_rekv(model, trace, n_init, n_local, topk, bt):
             sel, scored = rec["retrieved"], True
             i += n_pass * L
             continue
-        # question prompt / decode: [init | retrieved (per layer) | question so far]
-        if kind == "question" and not qtoks and not scored:
+        # video end / question prompt / decode: [init | retrieved (per layer) | question so far]
+        assert kind in ("video_end", "question", "decode"), kind
+        if not qtoks and not scored:
             assert len(blocks) <= topk                                # all blocks, no scoring
             sel = [list(range(len(blocks)))] * L
         scored = True
@@ -305,12 +378,16 @@ def test_rekv_matches_brute_force_with_offload_spill_and_per_layer_retrieval(tmp
                      cache="{op: rekv, init_tokens: 80, local_tokens: 40, topk: 3, "
                            "question_tokens: 64, store_blocks: 2}")
     snaps: list[dict] = []
-    s = _stream(b, snap=snaps)
+    s = _stream(b, snap=snaps, video_end=True)
     p = s.policy
     L = p.num_layers
     assert p.store.disk_blocks > 5 and p.store.ram_blocks == 2             # offloaded and spilled
     # L retrieval passes per question: "What happens?" is 2 chunks of <= 8 tokens, "And now?" 1
-    assert sum(t["kind"] == "retrieval" for t in s.trace) == L * (2 + 1)
+    kinds = [t["kind"] for t in s.trace]
+    assert kinds.count("retrieval") == L * (2 + 1)
+    # the video-end token opens each question turn, after the retrieval passes
+    ve = [i for i, k in enumerate(kinds) if k == "video_end"]
+    assert len(ve) == 2 and all(kinds[i - 1] == "retrieval" and kinds[i + 1] == "question" for i in ve)
     ref_logits, ref_q, n_blocks = reference_rekv(_load(b), s.trace, 80, 40, 3, 16)
     assert n_blocks == p.n_blocks == 14
     _check_logits(s.trace, ref_logits)
@@ -403,14 +480,15 @@ def reference_carrier(model, trace, limit):
                 del carriers[drop], embs[drop]
             qtoks = []
         else:
-            ctx = sink + carriers + (qtoks if kind in ("question", "decode") else [])
+            turn = kind in ("video_end", "question", "decode")                # the question turn
+            ctx = sink + carriers + (qtoks if turn else [])
             m = len(ctx)
             logits, ks, vs, _ = dec.run(emb, np.arange(m, m + n),
                                         lambda layer, q: (ctx, [c.pos for c in ctx]))
             new = dec.tokens(ks, vs, kind, 0, np.arange(m, m + n))
             if kind == "prefix":
                 sink += new
-            elif kind in ("question", "decode"):
+            elif turn:
                 qtoks += new
             else:
                 qtoks = []
@@ -421,15 +499,54 @@ def reference_carrier(model, trace, limit):
 def test_carrier_matches_brute_force_videoscan(tmp_path):
     b = torch_bundle(tmp_path, name="car", chunk=16,
                      cache="{op: carrier, sink_tokens: 80, carriers: 5, question_tokens: 64}")
-    s = _stream(b)
+    s = _stream(b, video_end=True)
     p = s.policy
     assert p.dropped == 14 - 4                                # memory full after the 5th frame
+    assert [t["kind"] for t in s.trace].count("video_end") == 2
     ref, carriers = reference_carrier(_load(b), s.trace, 5)
     _check_logits(s.trace, ref)
     live = np.flatnonzero(p.slot_seq[p.c0:p.q0] >= 0)
     live = live[np.argsort(p.slot_seq[p.c0:p.q0][live])]
     assert p.slot_pos[p.c0 + live].tolist() == [c.pos for c in carriers]     # insertion positions
     assert s.trace[-1]["inputs_embeds"].shape[1] == 17                      # K + carrier
+
+
+def test_video_end_opens_the_question_turn_in_rekv_and_carrier():
+    """Planner level, both policies: the video-end token goes to the question region, is
+    visible to the question prompt and every answer token, never enters the stream regions,
+    and is gone after ``resume`` (rekv here with all blocks retrieved: no scoring pass)."""
+    rekv = RekvCache(init_tokens=4, local_tokens=8, topk=4, block_tokens=2, question_tokens=8,
+                     store_blocks=2, num_layers=1, num_kv_heads=1, head_dim=2, num_heads=1)
+    car = CarrierCache(4, 3, 8, 2)
+    for pol in (rekv, car):
+        pol.attach(KVBuffer([1, 2, 1, 1, pol.capacity, 2]))
+        tokens = np.ones((1, 2, 2), np.float32)
+
+        def step(kind, n):
+            if kind == "frame" and pol is car:
+                pol.prepare_frame(tokens, 2, None)
+                n += 1
+            plan = pol.plan_step(n, n, kind=kind)
+            pol.commit(plan, {"query_mean": np.zeros((1, 1, 1, 2), np.float32)})
+            return plan
+
+        step("prefix", 3)
+        for _ in range(3):
+            step("frame", 2)
+        stream_before = pol.slot_seq[: pol.q0].copy()
+        pol.prepare_question(lambda: step("retrieval", 2))
+        ve = step("video_end", 1)
+        slot = int(ve.write_slots[0])
+        assert pol.q0 <= slot < pol.capacity                         # the question region
+        assert np.array_equal(pol.slot_seq[: pol.q0], stream_before)   # nothing streamed
+        for kind, n in [("question", 3), ("decode", 1), ("decode", 1)]:
+            plan = step(kind, n)
+            assert plan.cache_valid[slot]
+            if kind == "question":               # the question follows it directly
+                assert plan.cache_positions[slot] == plan.positions[0] - 1
+        after = step("resume", 2)
+        assert not after.cache_valid[pol.q0:].any()
+        assert np.array_equal(pol.slot_seq[: pol.q0], stream_before)
 
 
 # ----------------------------------------------------------------------------- hour-long runs

@@ -23,11 +23,30 @@ Every policy divides the buffer's slot axis into fixed-capacity regions (:meth:`
 ``carrier``        VideoScan: one carrier token per frame in a fixed carrier memory
 =================  =====================================================================
 
-The session tells a policy what each chunk is (``kind``): ``"prefix"`` (system prompt at
-session start), ``"frame"`` (a frame's visual tokens), ``"question"`` (question prompt),
-``"decode"`` (one answer token), ``"resume"`` (end of the answer turn before frames
-continue) and ``"retrieval"`` (a question pass run only to score blocks, see
-:meth:`CachePolicy.prepare_question`).
+The session tells a policy what each chunk is (``kind``), in this order within a turn:
+
+* ``"prefix"`` — the prompt prefix, once at session start (system prompt, opening of the
+  first user turn);
+* ``"frame"`` — a frame's visual tokens (``carrier``: plus the carrier token);
+* ``"retrieval"`` — the question text, run only to score blocks and discarded (``rekv``
+  only, from :meth:`CachePolicy.prepare_question`, which runs before the turn's chunks);
+* ``"video_end"`` — one embedding closing the frames of a user turn before its question
+  (LLaVA-OneVision's ``image_newline``, only in bundles whose manifest has
+  ``prompt.video_end_embedding``, and only when frames were prefilled since the last
+  question);
+* ``"question"`` — the question prompt (the text before and after the question, ending with
+  the assistant-turn opening), in chunks of at most ``prefill_chunk_tokens``;
+* ``"decode"`` — one answer token;
+* ``"resume"`` — the end of the answer turn and the opening of the next user turn (plus
+  the last answer token when the answer stopped at ``max_new_tokens``).
+
+What each policy does with each kind (docs/kv-policies.md has the table): ``full`` and
+``sink_window`` ignore kinds (every token is a stream token). ``streaming_vlm`` keeps
+``prefix`` and ``decode`` (system prompt and answers) and keeps the user turn
+(``video_end``, ``question``, ``resume``) only while its round is current. ``rekv`` and
+``carrier`` stream ``prefix`` and ``frame``; ``video_end``, ``question``, ``decode`` (and
+``retrieval``) form the question turn, written to the question region and dropped at
+``resume``, whose own KV is not kept either.
 """
 from __future__ import annotations
 
@@ -41,8 +60,12 @@ import numpy as np
 from streamgraph.errors import CapacityError
 from streamgraph.runtime.offload import BlockStore
 
-#: Chunk kinds that carry text (everything but ``"frame"``).
-TEXT_KINDS = ("prefix", "question", "decode", "resume", "retrieval")
+#: Chunk kinds that carry text (everything but ``"frame"``; ``video_end`` is one embedding,
+#: handled like text).
+TEXT_KINDS = ("prefix", "video_end", "question", "decode", "resume", "retrieval")
+#: Kinds that make up a question turn for the policies that keep it apart from the stream
+#: (``rekv``, ``carrier``): written to their question region, dropped at ``resume``.
+QUESTION_TURN_KINDS = ("video_end", "question", "decode", "retrieval")
 _NO_SEQ = np.iinfo(np.int64).max
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -271,26 +294,43 @@ class StreamingVLMCache(CachePolicy):
     (2025), mit-han-lab/streaming-vlm ``streaming_vlm/inference/inference.py``
     (``process_past_kv``, ``pos_mode="shrink"``), techniques.md §2.
 
-    Regions (slots): ``sink [0, s)`` the first ``s`` text tokens of the stream (system
-    prompt, then the first question/answer text), kept forever; ``text_window [s, s+tw)`` a
-    ring over the most recent text tokens after the sink; ``vision_window`` a ring of
-    ``frames`` blocks of K slots, one block per frame. A text chunk of n tokens overwrites
-    the n oldest text-window slots; a frame overwrites the whole block of the oldest frame
-    (whole-frame eviction, like StreamingVLM's dropping of the oldest 1 s video chunk).
-    Overwritten slots are hidden from the chunk itself. Positions are re-assigned every step
-    over what is visible: rank in stream order 0..m-1, the chunk m..m+T-1 — no gaps, start at
-    0, whatever was evicted (StreamingVLM recomputes positions over the retained ids).
+    What text is kept, as StreamingVLM: the system prompt and the **assistant text** (the
+    answers: chunks of kind ``prefix`` and ``decode``) are kept — the first ``s`` of them in
+    the sink, the later ones in the text window, as StreamingVLM's "previous text" block
+    keeps its first ``text_sink`` and last ``text_sliding_window`` tokens. The **user turn**
+    — the question prompt (``question``, which ends with the assistant-turn opening), the
+    video-end token (``video_end``) and the turn wrapper (``resume``: end of the answer,
+    start of the next user turn) — is kept only while its round is the current one: a
+    ``resume`` chunk opens a new round and deletes the text of the round it closes except
+    its answer (StreamingVLM deletes an aged round's user text and assistant wrapper and
+    moves its assistant text to "previous text"; techniques.md §2.3 steps 1a/1c).
 
-    Simplifications vs the reference (documented in docs/kv-policies.md): text is one stream
-    of tokens (the reference keeps 16 assistant rounds verbatim, then moves them into a
-    "previous text" block of sink 512 + window 512 — the same tokens in the same order once
-    the rounds age out); 1-D RoPE positions, not Qwen2.5-VL's 3-D mRoPE.
+    Regions (slots): ``sink [0, s)`` the first ``s`` system/assistant text tokens, kept
+    forever; ``text_window [s, s+tw)`` the later system/assistant text and the current
+    round's user text, at most ``tw`` tokens: a text chunk takes free slots first (slots of
+    deleted user text are reused) and otherwise overwrites the oldest text-window tokens;
+    ``vision_window`` a ring of ``frames`` blocks of K slots, one block per frame, a frame
+    overwriting the whole block of the oldest frame (whole-frame eviction, like
+    StreamingVLM's dropping of the oldest 1 s video chunk). Overwritten and deleted slots
+    are hidden from the chunk itself. Positions are re-assigned every step over what is
+    visible: rank in stream order 0..m-1, the chunk m..m+T-1 — no gaps, start at 0, whatever
+    was evicted (StreamingVLM recomputes positions over the retained ids).
+
+    Simplifications vs the reference (documented in docs/kv-policies.md): one round — the
+    current question turn — is kept verbatim (the reference keeps 16 one-second rounds;
+    here a round is a question turn); aged answers stay in place in stream order rather
+    than being moved into a ``<|im_start|>previous text`` turn; the sink and window of the
+    previous text share the text window with the current round's user text; an answer cut
+    at ``max_new_tokens`` has its last token in the ``resume`` chunk, so that one token is
+    deleted with the round; 1-D RoPE positions, not Qwen2.5-VL's 3-D mRoPE.
 
     Raises :class:`CapacityError` for a text chunk longer than the text window or a frame
     with more than K valid tokens.
     """
 
     name = "streaming_vlm"
+    #: text kinds kept past their round: the system prompt and the assistant's answers
+    KEPT_TEXT = ("prefix", "decode")
 
     def __init__(self, sink_tokens: int, text_window_tokens: int, vision_window_frames: int,
                  tokens_per_frame: int):
@@ -302,8 +342,11 @@ class StreamingVLMCache(CachePolicy):
         super().__init__(self.sink + self.text_window + self.frames * self.k)
         self.vision0 = self.sink + self.text_window
         self.text_count = 0          # text tokens ever written
+        self.sink_count = 0          # sink slots filled (system prompt, then answers)
         self.frame_count = 0         # frames ever written
-        self._pending: tuple[str, np.ndarray] | None = None
+        self.round = 0               # current round (question turn); resume opens the next
+        self.user_slot = np.zeros(self.capacity, dtype=bool)   # slot holds the current round's user text
+        self._pending: tuple | None = None
 
     def regions(self) -> dict[str, tuple[int, int]]:
         return {"sink": (0, self.sink), "text_window": (self.sink, self.text_window),
@@ -321,30 +364,48 @@ class StreamingVLMCache(CachePolicy):
                 base = self.vision0 + (self.frame_count % self.frames) * self.k
                 write = base + np.arange(n_valid, dtype=np.int64)
                 hidden = np.arange(base, base + self.k, dtype=np.int64)
+            what = "frame"
         else:                                      # every other kind is text (TEXT_KINDS)
-            if n_valid > self.text_window:
-                raise CapacityError(f"text chunk of {n_valid} tokens does not fit the streaming_vlm "
+            kept = kind in self.KEPT_TEXT
+            n_sink = max(0, min(n_valid, self.sink - self.sink_count)) if kept else 0
+            n_win = n_valid - n_sink
+            if n_win > self.text_window:
+                raise CapacityError(f"text chunk of {n_win} tokens does not fit the streaming_vlm "
                                     f"text window of {self.text_window} tokens")
-            t = self.text_count + np.arange(n_valid, dtype=np.int64)
-            write = np.where(t < self.sink, t, self.sink + (t - self.sink) % self.text_window)
-            hidden = write
+            aged = np.flatnonzero(self.user_slot) if kind == "resume" else np.zeros(0, dtype=np.int64)
+            win = np.arange(self.sink, self.vision0, dtype=np.int64)
+            live = self.slot_seq[win] >= 0
+            live[aged - self.sink] = False
+            free = win[~live]
+            need = max(0, n_win - len(free))
+            oldest = win[live][np.argsort(self.slot_seq[win][live], kind="stable")[:need]]
+            write = np.concatenate([self.sink_count + np.arange(n_sink, dtype=np.int64),
+                                    free[:n_win], oldest])
+            hidden = np.concatenate([aged, oldest])
+            what = ("kept" if kept else "user", n_sink, kind == "resume")
         visible = self.slot_seq >= 0
         visible[hidden] = False
         cache_pos, m = _rank_positions(visible, self.slot_seq)
-        self._pending = ("frame" if kind == "frame" else "text", hidden)
+        self._pending = (what, hidden, write)
         pos = np.arange(m, m + chunk_len, dtype=np.int64)
         return StepPlan(self._pad(write, chunk_len), pos, cache_pos, visible, n_valid)
 
     def commit(self, plan: StepPlan, outputs: dict[str, np.ndarray] | None = None) -> None:
         assert self._pending is not None, "commit without plan_step"
-        what, hidden = self._pending
+        what, hidden, write = self._pending
         self._pending = None
-        self.slot_seq[hidden] = -1                 # the evicted frame's block / overwritten text
+        self.slot_seq[hidden] = -1                 # evicted frame block / text, aged user text
+        self.user_slot[hidden] = False
         super().commit(plan)
         if what == "frame":
             self.frame_count += plan.n_new > 0
-        else:
-            self.text_count += plan.n_new
+            return
+        kind, n_sink, opens_round = what
+        self.round += opens_round
+        self.text_count += plan.n_new
+        self.sink_count += n_sink
+        if kind == "user":
+            self.user_slot[write[:plan.n_new]] = True
 
 
 class RekvCache(CachePolicy):
@@ -380,7 +441,9 @@ class RekvCache(CachePolicy):
     exactly ReKV's per-layer retrieval inside one forward pass (layer ``l``'s query depends
     on what layers ``< l`` retrieved), at the cost of ``L`` extra question prefills. The
     prompt and answer then attend to [init | retrieved (time order) | question] at positions
-    0..len-1. Every layer retrieves ``min(topk, n)`` blocks of ``bt`` tokens, so the visible
+    0..len-1; a ``video_end`` chunk (after :meth:`prepare_question`) opens the question turn
+    the same way, so the question follows it as it follows the video in the model's own
+    sequence. Every layer retrieves ``min(topk, n)`` blocks of ``bt`` tokens, so the visible
     slots and positions are the same in every layer and the engine's shared ``cache_valid
     [B,S]`` / ``cache_positions [B,S]`` suffice. The question and answer KV are discarded at
     ``"resume"`` (ReKV does not keep them); streaming continues over [init | local].
@@ -558,7 +621,7 @@ class RekvCache(CachePolicy):
 
     def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None,
                   kind: str | None = None) -> StepPlan:
-        if kind in ("question", "decode", "retrieval"):
+        if kind in QUESTION_TURN_KINDS:
             if self.mode != "question":
                 raise RuntimeError("rekv: a question chunk without prepare_question()")
             if self.q_count + n_valid > self.n_question:
@@ -645,9 +708,10 @@ class CarrierCache(CachePolicy):
     caches rotated keys and never re-rotates them). When the memory then holds ``carriers``
     carriers, the cosine similarity of each adjacent pair of carrier *embeddings* (insertion
     order) is computed and the earlier carrier of the most similar pair is dropped (its slot
-    freed), so at most ``carriers - 1`` remain after a frame. Questions and answers attend to
-    sink + carriers + themselves at positions continuing from the cache length; their KV is
-    discarded at ``"resume"``.
+    freed), so at most ``carriers - 1`` remain after a frame. The question turn — the
+    ``video_end`` token if any, the question prompt, the answer — attends to sink + carriers
+    + itself at positions continuing from the cache length; its KV is discarded at
+    ``"resume"``.
 
     Raises :class:`CapacityError` when the prompt exceeds the sink region or a question +
     answer exceeds the question region.
@@ -697,7 +761,7 @@ class CarrierCache(CachePolicy):
     def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None,
                   kind: str | None = None) -> StepPlan:
         visible = self._base_visible()
-        if kind in ("question", "decode", "retrieval"):
+        if kind in QUESTION_TURN_KINDS:
             if self.q_count + n_valid > self.n_question:
                 raise CapacityError(
                     f"question of {self.q_count + n_valid} tokens (prompt + answer so far) does not fit "

@@ -256,10 +256,10 @@ class Session(StreamBase):
         self._answer_open = True
         self._answer_ids: list[int] = []
         t0 = time.perf_counter()
-        if self._video_end is not None and self._segment_frames:
+        self.policy.prepare_question(lambda: self._prefill_text(question, "retrieval"))
+        if self._video_end is not None and self._segment_frames:   # opens the question turn
             self._decoder_step(self._video_end, 1, "video_end")
         self._segment_frames = 0
-        self.policy.prepare_question(lambda: self._prefill_text(question, "retrieval"))
         logits = self._prefill_ids(ids, "question")
         token = int(np.argmax(logits))
         self.clock.spend(time.perf_counter() - t0)
