@@ -423,11 +423,12 @@ class StreamingVLMNode(NodeBase):
 
     op: Literal["streaming_vlm"]
     sink_tokens: int = Field(512, ge=0, le=MAX_CACHE_TOKENS)
-    """Text attention-sink slots: the first text tokens of the stream (system prompt, then
-    the first question/answer tokens), kept forever (StreamingVLM text_sink = 512)."""
+    """Text attention-sink slots: the first kept text tokens of the stream (system prompt,
+    then the first answer tokens), kept forever (StreamingVLM text_sink = 512). Question
+    prompts are kept only while their turn lasts, as StreamingVLM drops user turns."""
     text_window_tokens: int = Field(512, ge=1, le=MAX_CACHE_TOKENS)
-    """Slots of the long text window: the most recent text tokens after the sink
-    (StreamingVLM text_sliding_window = 512)."""
+    """Slots of the long text window: the most recent kept text tokens after the sink and
+    the current question turn (StreamingVLM text_sliding_window = 512)."""
     vision_window_frames: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Short vision window in frames (each frame takes K slots). At most one of
     `vision_window_frames` / `vision_window_seconds`."""
