@@ -704,6 +704,8 @@ def campaign(cases: int, seed: int, timeout: float, keep: int, workdir: Path,
             kind, message = pool.run(str(path), first=(i == 0))
             counts[kind] += 1
             if kind in ("unlocated", "internal", "hang"):
+                if len(failures) < 20:
+                    print(f"case {i}: {kind}: {message[:300]}", file=sys.stderr, flush=True)
                 failures.append({"case": i, "kind": kind, "seed_doc": name, "mutations": steps,
                                  "message": message, "file": raw.decode("utf-8", "replace")[:4000]})
             elif kind == "located" and len(samples["located"]) < keep:

@@ -620,6 +620,15 @@ def test_issue_repros_are_located_bound_errors(old, new, anchor, field):
     assert len(str(err)) < 200, str(err)  # a huge number is shown short
 
 
+@pytest.mark.parametrize("value", ["1" + "0" * 400, "[16, " + "9" * 400 + "]"])
+def test_huge_token_budget_is_a_located_error(value):
+    # found by scripts/fuzz_graphs.py: formatting the value raised OverflowError
+    text = edit("tokens_per_frame: 16", f"tokens_per_frame: {value}")
+    err = parse_error(text)
+    assert_at(err, *value_at(text, "tokens_per_frame: "), "nodes.pruner.tokens_per_frame",
+              f"<= {limits.MAX_TOKENS}", "digits")
+
+
 def test_yaml_1_2_exponent_floats():
     # YAML 1.1 (PyYAML) reads `1e3` as a string; a graph file reads it as the number
     assert parse_spec(edit("fps: 2", "fps: 1e3"), "g.yaml").stream.fps == float("1e3")

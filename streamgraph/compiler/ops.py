@@ -168,7 +168,9 @@ def _check_budget(value: Any) -> int | list[int]:
 
 
 def _int(value: int) -> str:
-    return str(value) if abs(value) < 10**20 else f"{float(value):.3g}"
+    """``value``, or for one of more than 20 digits its digit count (it may not fit a
+    float)."""
+    return str(value) if abs(value) < 10**20 else f"an integer of {len(str(abs(value)))} digits"
 
 
 #: A token budget K (``tokens_per_frame: 32``) or several budget buckets
