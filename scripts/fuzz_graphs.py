@@ -591,6 +591,14 @@ def classify(path: str, exc: BaseException | None) -> tuple[str, str]:
     m = LOCATED.match(msg)
     if "\n" in msg or "\r" in msg or not msg.isprintable() or m is None or m.group("file") != path:
         return "unlocated", msg[:500]
+    try:  # the position must exist in the file (line breaks as YAML counts them)
+        text = Path(path).read_bytes().decode("utf-8", "replace")
+    except OSError:
+        text = None
+    if text is not None:
+        lines = len(re.split("\r\n|[\n\r\x85\u2028\u2029]", text))
+        if not (1 <= int(m.group("line")) <= lines and int(m.group("col")) >= 1):
+            return "unlocated", f"position outside the file ({lines} lines): {msg[:400]}"
     return "located", msg
 
 

@@ -75,8 +75,10 @@ def test_seeds_are_valid_graphs(workdir, seed_docs):
         assert kind == "valid", f"{name}: {message}"
 
 
-def test_classify_tells_every_outcome_apart():
-    path = "/tmp/g.yaml"
+def test_classify_tells_every_outcome_apart(workdir):
+    path = str(workdir / "two-lines.yaml")
+    Path(path).write_text("a: 1\nb: 2\n")
+    assert fz.classify(path, SpecError("past the end", file=path, line=4, col=1))[0] == "unlocated"
     assert fz.classify(path, None)[0] == "valid"
     assert fz.classify(path, SpecError("bad", file=path, line=3, col=7))[0] == "located"
     assert fz.classify(path, SpecError("bad", file=path))[0] == "unlocated"
