@@ -705,3 +705,24 @@ def test_values_yaml_cannot_construct_are_located(literal, fragment):
     err = parse_error(text)
     assert (err.line, err.col) == value_at(text, "fps: "), str(err)
     assert fragment in str(err) and len(str(err)) < 300, str(err)
+
+
+def test_every_number_in_the_schema_is_bounded():
+    """Each integer or number of the JSON Schema has a maximum (and a minimum): a field
+    added without bounds fails here."""
+    unbounded = []
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("type") in ("integer", "number") and "const" not in node:
+                if not ({"maximum", "exclusiveMaximum"} & set(node)
+                        and {"minimum", "exclusiveMinimum"} & set(node)):
+                    unbounded.append(path)
+            for k, v in node.items():
+                walk(v, f"{path}/{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}/{i}")
+
+    walk(json_schema(), "#")
+    assert unbounded == []
