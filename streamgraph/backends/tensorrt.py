@@ -63,7 +63,7 @@ class TensorRTBackend(Backend):
         for name, plan in bundle.plan.engines.items():
             f = cache / f"{name}.{gpu}.{trt.__version__}{'.fp16' if fp16 else ''}.plan"
             if not f.is_file():
-                f.write_bytes(self._build(Path(bundle.path) / plan.file, plan, fp16, workspace_mb))
+                f.write_bytes(self._build(bundle.file(plan.file), plan, fp16, workspace_mb))
             engine = self.runtime.deserialize_cuda_engine(f.read_bytes())
             if engine is None:
                 raise BackendUnavailableError(f"{f}: TensorRT could not deserialize the engine")

@@ -36,7 +36,7 @@ class TorchBackend(Backend):
         if ckpt_info is not None:
             model = _load_checkpoint(ckpt_info, dtype)
         else:
-            model = load_model(cfg, bundle.path / "weights.safetensors", dtype)
+            model = load_model(cfg, bundle.file("weights.safetensors"), dtype)   # verified at load
         self.modules = plan_engine_modules(model, bundle.plan)
         if "reducer" in bundle.plan.engines:  # bundle from before budget buckets
             self.modules["reducer"] = next(m for n, m in self.modules.items() if n.startswith("reducer_k"))

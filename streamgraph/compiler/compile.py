@@ -1,15 +1,20 @@
 """The compile pipeline: YAML -> spec -> graph checks -> plan -> ONNX engines -> bundle."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import streamgraph
-from streamgraph.compiler.bundle import FORMAT_VERSION, Bundle, lock_key, write_manifest
+from streamgraph.compiler.bundle import (FORMAT_VERSION, MANIFEST, Bundle, DirLock, FileLock, lock_key,
+                                        write_manifest)
 from streamgraph.compiler.plan import Plan, make_plan
 from streamgraph.errors import BundleError, PlanError, SpecError
 
@@ -135,16 +140,25 @@ TARGETS = ("onnx", "torch")
 
 
 def compile_graph(path: str | Path, out_dir: str | Path | None = None, force: bool = False,
-                  progress: Callable[[str], None] | None = None, target: str = "onnx") -> CompileResult:
+                  progress: Callable[[str], None] | None = None, target: str = "onnx",
+                  key: bytes | str | None = None) -> CompileResult:
     """Compile a graph file into a bundle at ``out_dir`` (default ``build/<name>``).
 
     ``target="onnx"`` exports every engine; ``target="torch"`` writes only the weights,
     tokenizer and manifest, for the eager torch backend (reference runs, fast tests).
+    ``key`` signs the manifest with HMAC-SHA256 (default ``$STREAMGRAPH_BUNDLE_KEY``; none:
+    a plain SHA-256 digest), see docs/bundles.md.
 
-    Skips the export when a bundle with the same lock key and intact files is already there.
-    The new bundle is built in a temporary directory beside ``out_dir`` and moved into place
-    only when complete, so a failed compile never damages an existing bundle.
-    Raises SpecError/GraphError/PlanError for bad graphs."""
+    The whole compile holds an exclusive lock on ``.<name>.lock`` beside the bundle, so
+    concurrent compiles of one output directory run one after the other (the later ones find
+    the bundle up to date and skip the export). The export is skipped when a bundle with the
+    same lock key and intact files is already there. The new bundle is built in a temporary
+    directory beside ``out_dir`` and published with one atomic directory exchange
+    (``renameat2(RENAME_EXCHANGE)``) under an exclusive lock on the old bundle directory, which
+    readers (:func:`~streamgraph.compiler.bundle.open_bundle`) hold shared while loading: a
+    reader sees the old bundle or the new one, never a mix, and a failed compile never damages
+    an existing bundle. Raises SpecError/GraphError/PlanError for bad graphs and BundleError
+    when ``out_dir`` exists and is not a bundle directory (it is never replaced)."""
     from streamgraph.compiler.lower import lower_all
     from streamgraph.models.build import save_weights, weights_fingerprint
     from streamgraph.models.tokenizer import save_byte_level_tokenizer
@@ -162,54 +176,116 @@ def compile_graph(path: str | Path, out_dir: str | Path | None = None, force: bo
     out = Path(out_dir) if out_dir is not None else Path("build") / spec.name
     tools = _tool_versions()
     wsha, ckpt_files = weights_fingerprint(spec, checked.model)
-    key = lock_key({"graph": spec.normalized(), "weights": wsha, "plan": plan.to_dict(),
-                    "tools": tools, "target": target})
-    if not force and (out / "manifest.json").is_file():
-        try:
-            existing = Bundle.load(out)
-            if existing.lock_key == key:
-                return CompileResult(existing, False, checked)
-        except BundleError:
-            pass  # damaged or stale: rebuild
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    lkey = lock_key({"graph": spec.normalized(), "weights": wsha, "plan": plan.to_dict(),
+                     "tools": tools, "target": target})
     try:
-        if spec.model.hf is not None and target == "onnx":
-            checked.model = build_model(spec)
-        if target == "onnx":
-            lower_all(checked.model, plan, tmp, progress=progress)
-        model_info = {"config": checked.cfg.to_dict(), "weights_sha256": wsha, "source": spec.model.model_dump()}
-        if spec.model.hf is None:
-            save_weights(checked.model, tmp / "weights.safetensors")
-            save_byte_level_tokenizer(tmp / "tokenizer.json")
-            prompt = {"system": SYSTEM_PROMPT, "tokenizer": "tokenizer.json"}
-        else:
-            prompt = _hf_assets(spec, tmp)
-            model_info["checkpoint"] = {"path": str(spec.resolve_path(spec.model.hf)), "files": ckpt_files}
-        manifest = {
-            "format": FORMAT_VERSION,
-            "name": spec.name,
-            "lock_key": key,
-            "graph": spec.normalized(),
-            "source": str(Path(path)),
-            "model": model_info,
-            "plan": plan.to_dict(),
-            "prompt": prompt,
-            "slo": spec.slo.model_dump(),
-            "stream": json.loads(spec.stream.model_dump_json()),
-            "tools": tools,
-            "target": target,
-        }
-        write_manifest(tmp, manifest)
-        if out.exists():
-            old = out.with_name(out.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return CompileResult(Bundle.load(out), True, checked)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BundleError(f"{out.parent}: cannot create the output directory: {e.strerror or e}") from None
+    with FileLock(out.parent / f".{out.name}.lock"):
+        _check_output(out)
+        _remove_stale(out)
+        if not force and (out / MANIFEST).is_file():
+            try:
+                existing = Bundle.load(out, key=key)
+                if existing.lock_key == lkey:
+                    return CompileResult(existing, False, checked)
+            except BundleError:
+                pass  # damaged, stale or of an older format: rebuild
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            if spec.model.hf is not None and target == "onnx":
+                checked.model = build_model(spec)
+            if target == "onnx":
+                lower_all(checked.model, plan, tmp, progress=progress)
+            model_info = {"config": checked.cfg.to_dict(), "weights_sha256": wsha, "source": spec.model.model_dump()}
+            if spec.model.hf is None:
+                save_weights(checked.model, tmp / "weights.safetensors")
+                save_byte_level_tokenizer(tmp / "tokenizer.json")
+                prompt = {"system": SYSTEM_PROMPT, "tokenizer": "tokenizer.json"}
+            else:
+                prompt = _hf_assets(spec, tmp)
+                model_info["checkpoint"] = {"path": str(spec.resolve_path(spec.model.hf)), "files": ckpt_files}
+            manifest = {
+                "format": FORMAT_VERSION,
+                "name": spec.name,
+                "lock_key": lkey,
+                "graph": spec.normalized(),
+                "source": str(Path(path)),
+                "model": model_info,
+                "plan": plan.to_dict(),
+                "prompt": prompt,
+                "slo": spec.slo.model_dump(mode="json"),
+                "stream": json.loads(spec.stream.model_dump_json()),
+                "tools": tools,
+                "target": target,
+            }
+            write_manifest(tmp, manifest, key)
+            _publish(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return CompileResult(Bundle.load(out, key=key), True, checked)
+
+
+def _check_output(out: Path) -> None:
+    """Refuse to replace anything but a bundle directory (or an empty directory)."""
+    if out.is_symlink():
+        raise BundleError(f"{out}: is a symbolic link; compile into a real directory (-o)")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise BundleError(f"{out}: exists and is not a directory; not replacing it")
+    if not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise BundleError(f"{out}: exists and is not a bundle (no {MANIFEST}); not replacing it — "
+                          f"choose another output directory")
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temporary directories of compiles of ``out`` that were killed (the caller holds
+    the compile lock, so no other compile of ``out`` is running)."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.tmp-[a-z0-9_]{{8}}$")
+    for p in out.parent.iterdir():
+        if pattern.match(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the directory entries ``a`` and ``b`` (Linux ``renameat2`` with
+    ``RENAME_EXCHANGE``). False where that is not available (other systems, old kernels or
+    filesystems without it); OSError for a real failure."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Make the complete bundle ``tmp`` the one at ``out`` (the caller holds the compile
+    lock). With no bundle there, one rename. Else, under the exclusive lock on the old bundle
+    directory (readers hold it shared while loading), one atomic exchange of the two
+    directories; the old bundle, now at ``tmp``, is deleted after the lock is released.
+    Without ``renameat2`` (not Linux), two renames under the same lock: a reader that arrives
+    between them finds no bundle and reports it."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        return
+    with DirLock(out, exclusive=True):
+        if not _exchange(tmp, out):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+            os.rename(out, old)          # onto the empty directory just made
+            os.rename(tmp, out)
+            tmp = old
+    shutil.rmtree(tmp, ignore_errors=True)

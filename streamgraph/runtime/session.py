@@ -28,7 +28,8 @@ from typing import Iterator
 import numpy as np
 
 from streamgraph.backends.base import Backend, open_backend
-from streamgraph.compiler.bundle import Bundle
+from streamgraph.compiler.bundle import Bundle, open_bundle
+from streamgraph.errors import BundleError
 from streamgraph.runtime.clock import Clock, SimulatedClock
 from streamgraph.runtime.kv import CachePolicy, KVBuffer, StepPlan, make_policy
 from streamgraph.runtime.metrics import QuestionRecord
@@ -66,7 +67,14 @@ class Session(StreamBase):
         self.budgets = self.reducer_stage.budgets          # ascending token-budget buckets
         StreamBase.__init__(self, Scheduler(overload or slo["overload"], slo["frame_deadline_ms"], slo["ttft_ms"],
                                             budgets=self.budgets), clock or SimulatedClock())
-        self.tokenizer = Tokenizer.from_file(str(bundle.path / bundle.manifest["prompt"]["tokenizer"]))
+        tok_rel = bundle.manifest["prompt"]["tokenizer"]
+        try:                              # the file verified at load, inside the bundle
+            self.tokenizer = Tokenizer.from_file(str(bundle.file(tok_rel)))
+        except BundleError:
+            raise
+        except Exception as e:            # tokenizers' parse errors: one line naming the file
+            raise BundleError(f"{bundle.path / tok_rel}: not a usable tokenizer: "
+                              f"{' '.join(str(e).split())}") from None
         self.kv = KVBuffer(self.plan.kv.shape, self.plan.kv.dtype)
         if self.kv.nbytes != self.plan.kv.bytes:
             raise AssertionError(f"KV buffer {self.kv.nbytes} B != plan {self.plan.kv.bytes} B")
@@ -92,7 +100,15 @@ class Session(StreamBase):
         video_end = prompt.get("video_end_embedding")
         self._video_end = None
         if video_end:
-            emb = np.load(bundle.path / video_end, allow_pickle=False)
+            try:
+                emb = np.load(bundle.file(video_end), allow_pickle=False)
+                if not isinstance(emb, np.ndarray) or emb.size != self.plan.hidden_size:
+                    raise ValueError(f"expected {self.plan.hidden_size} values, got {getattr(emb, 'shape', emb)}")
+            except BundleError:
+                raise
+            except Exception as e:
+                raise BundleError(f"{bundle.path / video_end}: not a usable video-end embedding: "
+                                  f"{' '.join(str(e).split())}") from None
             self._video_end = np.ascontiguousarray(emb.reshape(1, 1, -1))
         self._segment_frames = 0          # frames prefilled since the last question
         self._pixel_dtype = np.dtype(self.plan.engines["vision_encoder"].inputs[0].dtype)
@@ -103,11 +119,17 @@ class Session(StreamBase):
              overload: str | None = None, trace: bool = False, **backend_options) -> "Session":
         """Load and verify a bundle and start a session on it.
 
-        Raises :class:`~streamgraph.errors.BundleError` for a missing/corrupt bundle and
+        ``bundle_key`` (in ``backend_options``): HMAC key of a keyed bundle (default
+        ``$STREAMGRAPH_BUNDLE_KEY``, docs/bundles.md). The bundle directory stays share-locked
+        until its engines are loaded, so a concurrent compile cannot swap it meanwhile.
+
+        Raises :class:`~streamgraph.errors.BundleError` (one line naming the file) for a
+        missing, corrupt, tampered or malformed bundle and
         :class:`~streamgraph.errors.BackendUnavailableError` when the backend cannot run."""
-        bundle = Bundle.load(bundle_dir)
-        return cls(bundle, open_backend(backend, bundle, **backend_options), clock=clock,
-                   overload=overload, trace=trace)
+        key = backend_options.pop("bundle_key", None)
+        with open_bundle(bundle_dir, key=key) as bundle:
+            return cls(bundle, open_backend(backend, bundle, **backend_options), clock=clock,
+                       overload=overload, trace=trace)
 
     # ------------------------------------------------------------------ decoder steps
     def _decoder_step(self, embeds: np.ndarray, n_valid: int, kind: str,
