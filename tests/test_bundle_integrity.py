@@ -41,12 +41,18 @@ def _audit(event, args):
             _OPENED.append(os.path.realpath(p))      # symlinks resolved now, while they exist
 
 
-sys.addaudithook(_audit)
+_HOOKED = False
 
 
 class _Recording:
+    """Records the resolved path of every file Python opens inside the block (an audit hook,
+    installed on first use: hooks cannot be removed, so other tests never pay for it)."""
+
     def __enter__(self):
-        global _OPENED
+        global _OPENED, _HOOKED
+        if not _HOOKED:
+            sys.addaudithook(_audit)
+            _HOOKED = True
         _OPENED = []
         return _OPENED
 
