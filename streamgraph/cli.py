@@ -128,15 +128,68 @@ def cmd_schema(args) -> int:
     return 0
 
 
+MAX_CLI_FPS = 1000.0          # --fps upper bound (frames per second)
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by the SIGTERM handler of ``run`` (not an Exception, so no
+    ``except Exception`` swallows it)."""
+
+
+def _run_questions(args) -> list[tuple[float, str]]:
+    """(time, text) of every --ask, paired in order with --at (no --at: all at 0 s)."""
+    import math
+
+    asks, ats = args.ask or [], args.at or []
+    for text in asks:
+        if not text.strip():
+            raise StreamgraphError("--ask: the question is empty")
+    if ats and not asks:
+        raise StreamgraphError("--at needs --ask TEXT")
+    if ats and len(ats) != len(asks):
+        raise StreamgraphError(f"give one --at per --ask, in the same order ({len(asks)} --ask, {len(ats)} --at), "
+                               f"or no --at to ask them all at 0 s")
+    for t in ats:
+        if not math.isfinite(t) or t < 0:
+            raise StreamgraphError(f"--at must be a finite number of seconds >= 0, got {t:g}")
+    return list(zip(ats or [0.0] * len(asks), asks))
+
+
+def _check_run_numbers(args) -> None:
+    import math
+
+    if args.fps is not None and not (math.isfinite(args.fps) and 0 < args.fps <= MAX_CLI_FPS):
+        raise StreamgraphError(f"--fps must be a number of frames per second in (0, {MAX_CLI_FPS:g}], "
+                               f"got {args.fps:g}")
+    if not (math.isfinite(args.speed) and args.speed > 0):
+        raise StreamgraphError(f"--speed must be a finite number > 0, got {args.speed:g}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise StreamgraphError(f"--max-frames must be >= 1, got {args.max_frames}")
+    if args.history < 1:
+        raise StreamgraphError(f"--history must be >= 1, got {args.history}")
+
+
 def cmd_run(args) -> int:
+    import logging
+    import signal
+    import threading
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from streamgraph.runtime import sources
     from streamgraph.runtime.clock import SimulatedClock, WallClock
+    from streamgraph.runtime.metrics import RECORDS_FILE, check_report_dir
     from streamgraph.runtime.runner import Question, StreamRunner
     from streamgraph.runtime.session import Session
 
     console = _console()
+    asked = _run_questions(args)                    # bad input is refused before anything runs
+    _check_run_numbers(args)
+    n_streams = len(args.video) if args.video else 1
+    report_dirs: list[Path] = []
+    if args.report:                                 # an unwritable --report fails now, not at the end
+        base = check_report_dir(args.report)
+        report_dirs = [check_report_dir(base / f"stream-{i}") for i in range(n_streams)] if n_streams > 1 else [base]
     target = Path(args.target)
     if target.is_file() and _is_graph_file(target):
         bundle_dir = _compile(str(target), None, False, console).path
@@ -150,16 +203,11 @@ def cmd_run(args) -> int:
 
         demo = load_suite(sources.streamqa_demo())
         videos = [demo.path / demo.items[0].video]
-    if args.at is not None and args.ask is None:
-        raise StreamgraphError("--at needs --ask TEXT")
-    if args.at is not None and args.at < 0:
-        raise StreamgraphError(f"--at must be >= 0 seconds, got {args.at}")
-    if args.speed <= 0:
-        raise StreamgraphError(f"--speed must be > 0, got {args.speed}")
-    sessions, streams = [], []
+    sessions, streams, srcs = [], [], []
     shared_clock = SimulatedClock()
     for video_path in videos:                       # one session (own KV buffer) per stream
-        session = Session.open(bundle_dir, args.backend, clock=shared_clock, overload=args.overload)
+        session = Session.open(bundle_dir, args.backend, clock=shared_clock, overload=args.overload,
+                               history=args.history)
         fps = args.fps or session.bundle.manifest["stream"]["fps"]
         # FFmpeg resizes while decoding for the presets; checkpoints get their own processor's
         # antialiased resize in the session's preprocessing, from the native frame size
@@ -168,6 +216,7 @@ def cmd_run(args) -> int:
         session.calibrate()
         sessions.append(session)
         streams.append((session, src))
+        srcs.append(src)
         console.print(f"stream {len(sessions) - 1}: {video_path} at {fps:g} fps through {session.bundle.name} "
                       f"({session.backend.name}, overload={session.scheduler.overload}, "
                       f"deadline {session.scheduler.frame_deadline * 1000:.0f} ms, budgets {session.budgets})")
@@ -182,30 +231,37 @@ def cmd_run(args) -> int:
     console.print("real time: frames delivered at their capture times" if args.realtime else
                   "as fast as possible, deadlines in stream time" + (", EDF across streams" if len(sessions) > 1 else ""))
     truth: dict[int, str] = {}
-    if args.ask:
-        questions = [Question(at=args.at or 0.0, text=args.ask)]
+    if asked:
+        questions = [Question(at=t, text=text) for t, text in asked]
     elif demo is not None:
         questions = [Question(at=it.ask_time, text=it.question) for it in demo.items]
         truth = {id(q): it.answer for q, it in zip(questions, demo.items)}
     else:
         questions = []
     scored: list[bool] = []
-    counts = {"run": 0, "drop": 0, "miss": 0}
+    counts = {"run": 0, "drop": 0, "error": 0, "miss": 0}
     progress = Progress(TextColumn("[bold]frames"), BarColumn(), TextColumn("{task.description}"),
                         TimeElapsedColumn(), console=console, disable=not console.is_terminal or args.verbose)
 
     def on_frame(stream, rec) -> None:
-        counts["run" if rec.decision == "run" else "drop"] += 1
+        counts[rec.decision if rec.decision in counts else "drop"] += 1
         counts["miss"] += rec.deadline_met is False
         progress.update(task, advance=1, description=f"{counts['run']} run, {counts['drop']} dropped, "
                                                       f"{counts['miss']} missed, t={rec.capture:.1f}s")
         if args.verbose:
             lat = f"{rec.latency_ms:7.1f} ms" if rec.latency_ms is not None else "   -      "
-            console.print(f"[{stream}] frame {rec.index:4d} t={rec.capture:6.2f}s {rec.decision:4s} "
-                          f"budget={rec.budget:<4d} {lat} slots={rec.slots_in_use} {rec.overran or ''} {rec.reason}")
+            console.print(f"[{stream}] frame {rec.index:4d} t={rec.capture:6.2f}s {rec.decision:5s} "
+                          f"budget={rec.budget:<4d} {lat} slots={rec.slots_in_use} {rec.overran or ''} {rec.reason}",
+                          markup=False)
+        elif rec.decision == "error":
+            console.print(f"[{stream}] frame {rec.index} error in the {rec.failed_stage} stage: {rec.reason} "
+                          f"(frame not committed; the stream goes on)", markup=False)
 
     def on_answer(q, rec) -> None:
-        progress.console.print(f"[bold]Q @ {rec.asked_at:.1f}s:[/bold] {q.text}")
+        progress.console.print(f"Q @ {rec.asked_at:.1f}s: {q.text}", markup=False)
+        if q.error:
+            progress.console.print(f"A: failed: {q.error} (answer so far {q.answer!r})", markup=False)
+            return
         line = f"[bold]A:[/bold] {q.answer!r}  (TTFT {rec.ttft_ms:.1f} ms, {rec.new_tokens} tokens)"
         if id(q) in truth:
             from streamgraph.streamqa.suite import normalize_answer
@@ -215,45 +271,114 @@ def cmd_run(args) -> int:
             line += f"  truth: {truth[id(q)]!r} " + ("[green]correct[/green]" if ok else "[red]wrong[/red]")
         progress.console.print(line)
 
-    error: BaseException | None = None
+    # warnings of the sources (a truncated video) as one line each on stderr
+    warn = logging.StreamHandler(sys.stderr)
+    warn.setFormatter(logging.Formatter("warning: %(message)s"))
+    warn.setLevel(logging.WARNING)
+    src_log = logging.getLogger("streamgraph.runtime.sources")
+    src_log.addHandler(warn)
     runner = StreamRunner(streams, questions=questions, speed=args.speed, on_frame=on_frame, on_answer=on_answer)
-    with progress:
-        task = progress.add_task("", total=None)
-        try:
+    for session, directory in zip(sessions, report_dirs):
+        session.write_records(directory / RECORDS_FILE)     # every record on disk as it finishes
+
+    def on_sigterm(signum, frame):
+        raise _Terminated()
+
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, on_sigterm)
+    error: BaseException | None = None
+    try:
+        with progress:
+            task = progress.add_task("", total=None)
             while runner.step():
                 pass
-        except (KeyboardInterrupt, StreamgraphError) as e:  # keep what was measured
-            error = e
+    except BaseException as e:                      # any way out keeps what was measured
+        error = e
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+        src_log.removeHandler(warn)
     if scored:
         console.print(f"answers: {sum(scored)}/{len(scored)} correct (exact match against the episode's scene state)")
+    saved, save_errors = [], []
     for i, session in enumerate(sessions):
+        session.close_records()
         report = session.report()
         report.summary["max_queue"] = runner.max_queue[i]
+        stats = srcs[i].decode_stats
+        if stats is not None:
+            report.meta["source"] = {"path": str(videos[i]), **stats}
         if len(sessions) > 1:
             console.print(f"[bold]stream {i}[/bold] ({videos[i]})")
         _print_summary(report, console)
-        if args.report:
-            directory = Path(args.report) / f"stream-{i}" if len(sessions) > 1 else Path(args.report)
-            path = report.save(directory)
+        if report_dirs:
+            try:
+                path = report.save(report_dirs[i])
+            except StreamgraphError as e:
+                save_errors.append(str(e))
+                continue
+            saved.append(path)
             console.print(f"report: {path}" + (f" (+ {path.parent / 'latency.png'})"
-                                                if (path.parent / "latency.png").exists() else ""))
-    if error is not None:
-        raise error
-    return 0
+                                                if (path.parent / "latency.png").exists() else ""), markup=False)
+    if error is None:
+        if save_errors:
+            raise StreamgraphError("; ".join(save_errors))
+        return 0
+    kept = _kept_note(sessions, saved, save_errors)
+    if isinstance(error, _Terminated):
+        print(f"error: terminated (SIGTERM){kept}", file=sys.stderr)
+        return 143
+    if isinstance(error, KeyboardInterrupt):
+        print(f"error: interrupted{kept}", file=sys.stderr)
+        return 130
+    if isinstance(error, StreamgraphError):
+        raise StreamgraphError(f"{_where(sessions, error)}{_one_line(error)}{kept}") from error
+    raise error                                      # a bug: internal error (rc 3), report kept
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _where(sessions, error) -> str:
+    """``frame 9 (encode stage): `` for an error that stopped a frame, naming the stream when
+    there are several."""
+    for i, s in enumerate(sessions):
+        rec = s.frames[-1] if s.frames else None
+        if rec is not None and rec.decision == "error" and rec.error_type == type(error).__name__:
+            stream = f"stream {i}, " if len(sessions) > 1 else ""
+            stage = f" ({rec.failed_stage} stage)" if rec.failed_stage else ""
+            return f"{stream}frame {rec.index}{stage}: "
+    return ""
+
+
+def _kept_note(sessions, saved, save_errors) -> str:
+    n = sum(s.stats.sampled for s in sessions)
+    if saved:
+        where = ", ".join(str(p.parent) for p in saved)
+        note = f"; the records of all {n} frames sampled are kept in {where} (report.json, records.jsonl)"
+    else:
+        note = ""
+    if save_errors:
+        note += "; " + "; ".join(save_errors)
+    return note
 
 
 def _print_summary(report, console) -> None:
     from rich.table import Table
 
     s = report.summary
-    misses_by = {}
-    for f in report.frames:
-        if f.deadline_met is False:
-            misses_by[f.overran] = misses_by.get(f.overran, 0) + 1
+    misses_by = s.get("misses_by_stage") or {}
     by = (" (overran: " + ", ".join(f"{k} {v}" for k, v in sorted(misses_by.items())) + ")") if misses_by else ""
-    console.print(f"frames: sampled {s['sampled']}, processed {s['processed']}, dropped {s['dropped']}, "
+    errs = f", errors {s['errors']} ({s['nonfinite']} NaN/Inf)" if s.get("errors") else ""
+    console.print(f"frames: sampled {s['sampled']}, processed {s['processed']}, dropped {s['dropped']}{errs}, "
                   f"deadline misses {s['deadline_misses']}{by}, max queue {s.get('max_queue', '-')}; achieved {s['achieved_fps'] or 0:.2f} fps "
                   f"(compute-bound {s['compute_fps'] or 0:.1f} fps); KV buffer {s['kv_bytes']:,} bytes")
+    src = report.meta.get("source") or {}
+    if src.get("truncated"):
+        console.print(f"source: {src['frames_decoded']} of the {src['frames_header']} frames its header states "
+                      f"decoded (truncated or damaged file)", markup=False)
     t = Table(title="latency per frame (ms)")
     for col in ("stage", "p50", "p95", "p99", "max"):
         t.add_column(col, justify="right" if col != "stage" else "left")
@@ -398,10 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video file (default: the StreamQA demo episode shipped with streamgraph, whose questions "
                         "are asked with their true answers); repeat for several "
                         "streams sharing one executor, earliest deadline first")
-    r.add_argument("--fps", type=float, help="sampling fps (default: the graph's stream.fps)")
-    r.add_argument("--ask", help="question to ask about the stream")
-    r.add_argument("--at", type=float, help="stream time (s) at which to ask (default 0)")
-    r.add_argument("--report", help="directory for report.json")
+    r.add_argument("--fps", type=float, help="sampling fps in (0, 1000] (default: the graph's stream.fps)")
+    r.add_argument("--ask", action="append",
+                   help="question to ask about the stream; repeat for several (asked in order)")
+    r.add_argument("--at", type=float, action="append",
+                   help="stream time (s) at which to ask: one per --ask, paired in order (default: all at 0)")
+    r.add_argument("--report", help="directory for report.json and records.jsonl (every record, written as "
+                                    "the run goes); checked for writing before the run starts")
+    r.add_argument("--history", type=int, default=1024,
+                   help="records of each kind kept in memory and in report.json (the summary and "
+                        "records.jsonl cover the whole run; default 1024)")
     r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
     r.add_argument("--overload", choices=["drop_late", "latest_only", "degrade", "fifo", "none"],
                    help="override the graph's slo.overload")

@@ -59,3 +59,20 @@ class CapacityError(StreamgraphError):
 
 class BackendUnavailableError(StreamgraphError):
     """An engine runtime (TensorRT, CUDA EP, torch) is not installed or cannot start."""
+
+
+class EngineError(StreamgraphError):
+    """An engine failed while running (the backend raised). ``engine`` names it."""
+
+    def __init__(self, message: str, *, engine: str | None = None):
+        self.engine = engine
+        super().__init__(message)
+
+
+class NonFiniteError(EngineError):
+    """An engine output that would write state (KV, reducer/encoder state, logits used for
+    sampling) holds NaN or Inf; the step that produced it is not committed."""
+
+
+class ReportError(StreamgraphError):
+    """A run's report directory or records file cannot be written."""

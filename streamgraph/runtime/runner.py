@@ -21,33 +21,57 @@ times (real time). Frames are decoded lazily, when their capture time has come.
 """
 from __future__ import annotations
 
+import math
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from streamgraph.errors import NonFiniteError, SourceError
 from streamgraph.runtime.scheduler import Decision, FairEDF
-from streamgraph.runtime.stream import StreamBase
+from streamgraph.runtime.stream import StreamBase, check_question, check_time, error_text
 
 
 @dataclass
 class Question:
-    """A question arriving at stream time ``at`` (seconds) for stream ``stream``."""
+    """A question arriving at stream time ``at`` (seconds, finite, >= 0) for stream
+    ``stream``, answered with at most ``max_new_tokens`` tokens (None: the graph's default;
+    otherwise >= 1). ``answer`` and ``error`` (``Type: message`` of a failed question) are
+    filled in when it is served. Raises ValueError for an empty text, a bad ``at`` or
+    ``max_new_tokens``."""
 
     at: float
     text: str
     stream: int = 0
     max_new_tokens: int | None = None
     answer: str = field(default="", compare=False)
+    error: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        self.at = check_time("question time", self.at)
+        check_question(self.text, self.max_new_tokens)
+        try:
+            if isinstance(self.stream, bool):
+                raise TypeError
+            self.stream = operator.index(self.stream)
+        except TypeError:
+            raise ValueError(f"question stream must be an integer index, got {self.stream!r}") from None
 
 
 class _Feeder:
-    """Lookahead over a frame iterator: hands out frames whose capture time has come."""
+    """Lookahead over a frame iterator: hands out frames whose capture time has come.
+    Raises SourceError for a frame whose timestamp is not a finite number >= 0 (a stream
+    could never reach it)."""
 
-    def __init__(self, frames: Iterable, speed: float = 1.0):
+    def __init__(self, frames: Iterable, speed: float = 1.0, stream: int = 0):
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not math.isfinite(speed) or speed <= 0:
+            raise ValueError(f"speed must be a finite number > 0, got {speed!r}")
         self._it: Iterator = iter(frames)
         self._next = None
-        self.speed = speed
+        self.speed = float(speed)
+        self.stream = stream
         self.done = False
+        self.count = 0
         self._advance()
 
     def _advance(self) -> None:
@@ -55,6 +79,16 @@ class _Feeder:
             self._next = next(self._it)
         except StopIteration:
             self._next, self.done = None, True
+            return
+        ts = getattr(self._next, "timestamp", None)
+        try:
+            ok = ts is not None and not isinstance(ts, bool) and math.isfinite(float(ts) / self.speed) and ts >= 0
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise SourceError(f"stream {self.stream}: frame {self.count} has timestamp {ts!r}; frame "
+                              f"timestamps must be finite numbers of seconds >= 0")
+        self.count += 1
 
     def capture(self, frame) -> float:
         return float(frame.timestamp) / self.speed
@@ -87,7 +121,7 @@ class StreamRunner:
         self.clock = self.sessions[0].clock
         if any(s.clock is not self.clock for s in self.sessions):
             raise ValueError("all sessions of a StreamRunner must share one clock")
-        self.feeders = [_Feeder(f, speed) for _, f in streams]
+        self.feeders = [_Feeder(f, speed, i) for i, (_, f) in enumerate(streams)]
         self.pending: list[deque] = [deque() for _ in streams]
         self.questions = sorted(questions or [], key=lambda q: q.at)
         for q in self.questions:
@@ -96,14 +130,22 @@ class StreamRunner:
         self.on_frame, self.on_answer = on_frame, on_answer
         self.max_queue = [0] * len(streams)
         self.order: list[tuple[int, int]] = []        # (stream, frame index) in execution order
+        self.history = max(s.history for s in self.sessions)   # `order` keeps about this many
         self.picker = FairEDF(len(streams))
 
     def _capture(self, i: int, frame) -> float:
         return self.feeders[i].capture(frame)
 
     def _serve_question(self, q: Question) -> None:
+        """Answer ``q``. A NaN/Inf engine output (NonFiniteError) fails only this question
+        (its record and ``q.error`` say so) and the stream goes on; other errors are raised."""
         session = self.sessions[q.stream]
-        pieces = list(session.ask(q.text, max_new_tokens=q.max_new_tokens, at=q.at))
+        pieces: list[str] = []
+        try:
+            for piece in session.ask(q.text, max_new_tokens=q.max_new_tokens, at=q.at):
+                pieces.append(piece)
+        except NonFiniteError as e:
+            q.error = error_text(e)
         q.answer = "".join(pieces)
         if self.on_answer:
             self.on_answer(q, session.questions[-1])
@@ -162,6 +204,8 @@ class StreamRunner:
             else:
                 rec = session.run_decided(getattr(frame, "image", frame), capture, decision, queue_len)
                 self.order.append((i, rec.index))
+                if len(self.order) > 2 * self.history:      # bounded: the most recent entries
+                    del self.order[:-self.history]
                 self.picker.record(i, True)
             if self.on_frame:
                 self.on_frame(i, rec)

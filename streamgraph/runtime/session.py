@@ -29,14 +29,15 @@ import numpy as np
 
 from streamgraph.backends.base import Backend, open_backend
 from streamgraph.compiler.bundle import Bundle, open_bundle
-from streamgraph.errors import BundleError
+from streamgraph.errors import BundleError, NonFiniteError, ReportError
 from streamgraph.runtime.clock import Clock, SimulatedClock
 from streamgraph.runtime.kv import CachePolicy, KVBuffer, StepPlan, make_policy
-from streamgraph.runtime.metrics import QuestionRecord
+from streamgraph.runtime.guard import GuardedBackend
+from streamgraph.runtime.metrics import DEFAULT_HISTORY, QuestionRecord
 from streamgraph.runtime.preprocess import preprocess_frame
 from streamgraph.runtime.reduction import EncoderStage, ReducerStage
 from streamgraph.runtime.scheduler import Scheduler
-from streamgraph.runtime.stream import StreamBase
+from streamgraph.runtime.stream import StreamBase, check_question, check_time
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -52,21 +53,29 @@ class Session(StreamBase):
     :class:`~streamgraph.runtime.runner.StreamRunner` (EDF across streams).
     ``last_hidden [C]`` is the decoder's final-norm hidden state of the last valid token of the
     latest step. ``budgets`` lists the token budget buckets a frame can run at (ascending).
+    ``history`` is how many recent records of each kind stay in memory (see
+    :class:`~streamgraph.runtime.stream.StreamBase`).
+
+    Every engine output is checked for NaN/Inf before anything stores it
+    (:class:`~streamgraph.runtime.guard.GuardedBackend`): a frame that hits one becomes an
+    ``error`` record and is not committed (KV buffer, cache policy and reducer state unchanged;
+    the stream goes on as if it had been dropped); a question that hits one raises
+    :class:`~streamgraph.errors.NonFiniteError` with the error in its record.
     """
 
     def __init__(self, bundle: Bundle, backend: Backend, *, clock: Clock | None = None,
-                 overload: str | None = None, trace: bool = False):
+                 overload: str | None = None, trace: bool = False, history: int = DEFAULT_HISTORY):
         from tokenizers import Tokenizer
 
         self.bundle = bundle
         self.plan = bundle.plan
-        self.backend = backend
+        self.backend = GuardedBackend(backend)    # engine errors named, NaN/Inf outputs refused
         slo = bundle.manifest["slo"]
-        self.encoder_stage = EncoderStage(self.plan, backend)
-        self.reducer_stage = ReducerStage(self.plan, backend)
+        self.encoder_stage = EncoderStage(self.plan, self.backend)
+        self.reducer_stage = ReducerStage(self.plan, self.backend)
         self.budgets = self.reducer_stage.budgets          # ascending token-budget buckets
         StreamBase.__init__(self, Scheduler(overload or slo["overload"], slo["frame_deadline_ms"], slo["ttft_ms"],
-                                            budgets=self.budgets), clock or SimulatedClock())
+                                            budgets=self.budgets), clock or SimulatedClock(), history)
         tok_rel = bundle.manifest["prompt"]["tokenizer"]
         try:                              # the file verified at load, inside the bundle
             self.tokenizer = Tokenizer.from_file(str(bundle.file(tok_rel)))
@@ -116,7 +125,8 @@ class Session(StreamBase):
 
     @classmethod
     def open(cls, bundle_dir: str | Path, backend: str = "onnxruntime", *, clock: Clock | None = None,
-             overload: str | None = None, trace: bool = False, **backend_options) -> "Session":
+             overload: str | None = None, trace: bool = False, history: int = DEFAULT_HISTORY,
+             **backend_options) -> "Session":
         """Load and verify a bundle and start a session on it.
 
         ``bundle_key`` (in ``backend_options``): HMAC key of a keyed bundle (default
@@ -129,7 +139,7 @@ class Session(StreamBase):
         key = backend_options.pop("bundle_key", None)
         with open_bundle(bundle_dir, key=key) as bundle:
             return cls(bundle, open_backend(backend, bundle, **backend_options), clock=clock,
-                       overload=overload, trace=trace)
+                       overload=overload, trace=trace, history=history)
 
     # ------------------------------------------------------------------ decoder steps
     def _decoder_step(self, embeds: np.ndarray, n_valid: int, kind: str,
@@ -197,7 +207,10 @@ class Session(StreamBase):
         if budget is not None:
             budget = self.reducer_stage.resolve(budget)
         if self._answer_open:
-            self._close_answer()
+            try:
+                self._close_answer()
+            except NonFiniteError:
+                pass                 # still open: retried by execute_frame, which records the error
         return super().push_frame(frame, timestamp, budget=budget)
 
     def calibrate(self, repeats: int = 2) -> dict[str, float]:
@@ -225,8 +238,20 @@ class Session(StreamBase):
 
     def execute_frame(self, image, budget: int | None = None) -> tuple[dict[str, float], int, dict]:
         if self._answer_open:
+            self.stage = "prefill"
             self._close_answer()
-        stage_s, n_valid, used, mode = self._run_frame(image, self.reducer_stage.resolve(budget))
+        # a frame that fails is not committed: the KV buffer and the cache policy are written
+        # only after a finite decoder step, and the reducer state is put back here (the
+        # encoder's caches, finite functions of the frame's pixels, are kept)
+        reducer = self.reducer_stage
+        saved = ({k: v.copy() for k, v in reducer.state.items()}, reducer.frames)
+        try:
+            stage_s, n_valid, used, mode = self._run_frame(image, reducer.resolve(budget))
+        except BaseException:
+            for k, v in saved[0].items():
+                np.copyto(reducer.state[k], v)
+            reducer.frames = saved[1]
+            raise
         return stage_s, n_valid, {"budget": used, "encoder": mode}
 
     def _run_frame(self, image, budget: int, commit: bool = True) -> tuple[dict[str, float], int, int, str]:
@@ -236,18 +261,22 @@ class Session(StreamBase):
         ``commit=False`` the decoder step runs but nothing is written to the KV cache."""
         stage_s: dict[str, float] = {}
         t0 = time.perf_counter()
+        self.stage = "preprocess"
         pixels = preprocess_frame(image, self.plan.image_size, self.plan.image_mean, self.plan.image_std,
                                   self.plan.resample, self.plan.rescale_factor).astype(self._pixel_dtype, copy=False)
         t1 = time.perf_counter()
         stage_s["preprocess"] = t1 - t0
+        self.stage = "encode"
         tokens, mode = self.encoder_stage.run(pixels)
         t2 = time.perf_counter()
         stage_s["encode"] = t2 - t1
+        self.stage = "reduce"
         reduced = self.reducer_stage.run(tokens, budget)
         if self.plan.reducer is not None:
             t3 = time.perf_counter()
             stage_s["reduce"] = t3 - t2
             t2 = t3
+        self.stage = "prefill"
         if reduced.n_valid and commit:
             chunk, n_chunk, offsets = self.policy.prepare_frame(reduced.tokens, reduced.n_valid, reduced.offsets)
             self._decoder_step(chunk, n_chunk, "frame", offsets)
@@ -261,17 +290,48 @@ class Session(StreamBase):
 
     # ------------------------------------------------------------------ questions
     def ask(self, question: str, max_new_tokens: int | None = None, at: float | None = None) -> Iterator[str]:
-        """Ask about the stream so far; yields the answer's text pieces as they are decoded
-        (greedy). ``at`` is the stream time the question arrives (default: now). It is served
-        at once, ahead of any later frame, with deadline ``arrival + slo.ttft_ms`` for its
-        first token; its record is in ``self.questions``."""
+        """Ask about the stream so far; returns a generator of the answer's text pieces as
+        they are decoded (greedy), at most ``max_new_tokens`` tokens (None: the graph's
+        ``max_new_tokens``). ``at`` is the stream time (s) the question arrives (default: now).
+        It is served at once, ahead of any later frame, with deadline ``arrival +
+        slo.ttft_ms`` for its first token; its record is in ``self.questions``.
+
+        Raises ValueError at once for an empty question, ``max_new_tokens`` < 1 (0 is refused,
+        not read as the default) or an ``at`` that is not a finite number >= 0. While
+        answering, an engine error (:class:`~streamgraph.errors.EngineError`, or
+        :class:`~streamgraph.errors.NonFiniteError` for a NaN/Inf output; the step is not
+        committed) is raised with its ``Type: message`` kept in the record's ``error``; the
+        next frame or question closes the turn so the cache stays consistent."""
+        check_question(question, max_new_tokens)
+        asked = self.clock.now() if at is None else check_time("at", at)
+        rec = QuestionRecord(text=question, asked_at=asked, deadline=asked + self.scheduler.ttft)
+        return self._ask(question, max_new_tokens or self.plan.max_new_tokens, rec)
+
+    def _ask(self, question: str, max_new: int, rec: QuestionRecord) -> Iterator[str]:
+        """Runs :meth:`_answer`; the record is finished however it ends (an answer abandoned
+        by the caller keeps what was decoded, without an error)."""
+        self._begin_question(rec)
+        try:
+            yield from self._answer(question, max_new, rec)
+        except GeneratorExit:
+            rec.slots_in_use = self.policy.slots_in_use
+            self._finish_question(rec)
+            raise
+        except BaseException as e:
+            rec.slots_in_use = self.policy.slots_in_use
+            try:
+                self._finish_question(rec, e)
+            except ReportError:
+                pass                       # the writer keeps its error; the first error wins
+            raise
+        self._finish_question(rec)
+
+    def _answer(self, question: str, max_new: int, rec: QuestionRecord) -> Iterator[str]:
         if self._answer_open:
             self._close_answer()
-        max_new = max_new_tokens or self.plan.max_new_tokens
-        asked = self.clock.now() if at is None else float(at)
+        asked = rec.asked_at
         self.clock.wait_until(asked)
-        rec = QuestionRecord(text=question, asked_at=asked, deadline=asked + self.scheduler.ttft)
-        self.questions.append(rec)
+        self._unfed_ids = []
         fmt = self._format
         ids = self._encode(f"{fmt['before_question']}{question}{fmt['after_question']}")
         rec.prompt_tokens = len(ids)
@@ -311,7 +371,10 @@ class Session(StreamBase):
             self.clock.spend(dt)
             rec.decode_ms.append(1000.0 * dt)
         rec.slots_in_use = self.policy.slots_in_use
-        self._close_answer()
+        try:
+            self._close_answer()
+        except NonFiniteError:
+            pass                 # the answer is complete; the turn's end is retried by what comes next
 
     def _close_answer(self) -> None:
         """Write the end of the assistant turn into the cache so frames continue in a new user
@@ -320,11 +383,12 @@ class Session(StreamBase):
         An answer that ended on a stop token has all its tokens in the cache already."""
         if not self._answer_open:
             return
-        self._answer_open = False
         last = self._unfed_ids
         tail = self._encode(self._format["after_answer"])
         t0 = time.perf_counter()
         self._prefill_ids(last + tail, "resume")
+        self._answer_open = False             # only once written (a failed close is retried)
+        self._unfed_ids = []
         self.clock.spend(time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ report

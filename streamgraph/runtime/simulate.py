@@ -11,9 +11,9 @@ from typing import Iterator
 import numpy as np
 
 from streamgraph.runtime.clock import Clock, SimulatedClock
-from streamgraph.runtime.metrics import QuestionRecord
+from streamgraph.runtime.metrics import DEFAULT_HISTORY, QuestionRecord
 from streamgraph.runtime.scheduler import FRAME_STAGES, Scheduler
-from streamgraph.runtime.stream import StreamBase
+from streamgraph.runtime.stream import StreamBase, check_question, check_time
 
 
 class SimulatedSession(StreamBase):
@@ -22,12 +22,14 @@ class SimulatedSession(StreamBase):
     ``jitter`` multiplies each cost by ``1 + jitter * N(0,1)`` (clipped at 0.1x), seeded.
     ``cost_scale(frame_index) -> float`` may make some frames slower (e.g. a stage spike).
     ``capacity`` bounds the simulated KV slots (tokens beyond it are evicted, as sink_window).
+    ``history``: records kept in memory (see :class:`~streamgraph.runtime.stream.StreamBase`).
     """
 
     def __init__(self, scheduler: Scheduler, costs: dict, *, clock: Clock | None = None,
                  ttft_s: float = 0.05, decode_s: float = 0.01, answer_tokens: int = 4,
-                 jitter: float = 0.0, seed: int = 0, capacity: int = 4096, cost_scale=None):
-        super().__init__(scheduler, clock or SimulatedClock())
+                 jitter: float = 0.0, seed: int = 0, capacity: int = 4096, cost_scale=None,
+                 history: int = DEFAULT_HISTORY):
+        super().__init__(scheduler, clock or SimulatedClock(), history)
         self.costs = costs
         self.ttft_s, self.decode_s, self.answer_tokens = ttft_s, decode_s, answer_tokens
         self.jitter = jitter
@@ -66,10 +68,16 @@ class SimulatedSession(StreamBase):
         return stage_s, budget or 0, {"budget": budget or 0, "encoder": "simulated"}
 
     def ask(self, question: str, max_new_tokens: int | None = None, at: float | None = None) -> Iterator[str]:
-        asked = self.clock.now() if at is None else float(at)
+        """Answer with ``max_new_tokens`` (default ``answer_tokens``) pieces ``"x"``. Raises
+        ValueError at once for an empty question, ``max_new_tokens`` < 1 or a bad ``at``."""
+        check_question(question, max_new_tokens)
+        asked = self.clock.now() if at is None else check_time("at", at)
+        return self._answer(question, max_new_tokens, asked)
+
+    def _answer(self, question: str, max_new_tokens: int | None, asked: float) -> Iterator[str]:
         self.clock.wait_until(asked)
         rec = QuestionRecord(text=question, asked_at=asked, deadline=asked + self.scheduler.ttft)
-        self.questions.append(rec)
+        self._begin_question(rec)
         self.clock.spend(self.ttft_s)
         rec.ttft_ms = 1000.0 * (self.clock.now() - asked)
         rec.ttft_met = self.clock.now() <= rec.deadline
@@ -82,3 +90,4 @@ class SimulatedSession(StreamBase):
             yield "x"
         self.tokens += rec.new_tokens
         rec.slots_in_use = self.slots_in_use
+        self._finish_question(rec)

@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 #: Tolerance (seconds) for float error when comparing a timestamp with a grid point.
 EPS = 1e-6
 
+#: Largest sampling fps a source accepts: grid points closer than :data:`EPS` cannot be told
+#: apart (any fps above a video's native rate yields every frame once anyway).
+MAX_FPS = 1e6
+
 _SAMPLE_CLIP = "sample_clip.mp4"
 
 
@@ -82,6 +86,9 @@ def _check_fps(fps: float | None, *, allow_none: bool = True) -> float | None:
     value = float(fps)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"fps must be a positive finite number of frames per second, got {fps!r}")
+    if value > MAX_FPS:
+        raise ValueError(f"fps must be at most {MAX_FPS:g} frames per second (grid points closer than "
+                         f"the {EPS:g} s timestamp tolerance cannot be told apart), got {fps!r}")
     return value
 
 
@@ -131,6 +138,9 @@ def _check_seconds(name: str, value: float, *, allow_none: bool) -> float | None
 # --------------------------------------------------------------------------- sampling
 
 
+_MAX_GRID_STEPS = 64
+
+
 class GridSampler:
     """Incremental grid-aligned sampler (the logic behind :func:`sample_indices`).
 
@@ -158,10 +168,17 @@ class GridSampler:
             return False
         # Jump close to the last grid point ``t`` satisfies (float-safe: start one below the
         # arithmetic estimate), then step with the exact predicate until the first one it
-        # does not satisfy.
+        # does not satisfy. The estimate is within a step or two; past a few steps the step
+        # doubles, so a grid index beyond float resolution (where k / fps no longer changes
+        # with k + 1) can never loop forever.
         k = max(k + 1, math.floor((t + EPS) * self.fps) - 1)
-        while self._due(t, k):
-            k += 1
+        step = 1
+        for i in range(_MAX_GRID_STEPS):
+            if not self._due(t, k):
+                break
+            k += step
+            if i >= 4:
+                step *= 2
         self._k = k
         return True
 
@@ -220,6 +237,16 @@ class VideoSource:
     start: float = 0.0
     end: float | None = None
     _native_fps: float | None = field(default=None, repr=False, compare=False)
+    _decode: dict | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def decode_stats(self) -> dict | None:
+        """How the latest iteration decoded the file, once it ended (None before):
+        ``frames_decoded``, ``frames_header`` (the count the container states, None when it
+        states none), ``complete`` (the file was read to its end, not stopped early by
+        ``end``/``max_frames``/the caller), ``truncated`` (read to its end, yet fewer frames
+        decoded than the header states) and ``skipped_packets``."""
+        return None if self._decode is None else dict(self._decode)
 
     def _open(self):
         import av
@@ -255,6 +282,10 @@ class VideoSource:
     def __iter__(self) -> Iterator[Frame]:
         """Decode the file and yield sampled frames.
 
+        A file that ends before the frame count its header states (truncated or damaged)
+        is not an error: it logs one warning (logger ``streamgraph.runtime.sources``) and
+        :attr:`decode_stats` says ``truncated``.
+
         Raises:
             SourceError: the file cannot be opened or demuxed, has no video stream, no frame
                 of it decodes, or no decoded frame falls in ``[start, end)``.
@@ -273,7 +304,8 @@ class VideoSource:
             first_time: float | None = None
             last_t = 0.0
             last_error: Exception | None = None
-            done = False
+            done = ended = False
+            header = int(stream.frames or 0) or None
             try:
                 for packet in container.demux(stream):
                     try:
@@ -315,17 +347,28 @@ class VideoSource:
                             break
                     if done:
                         break
+                else:
+                    ended = True
             except av.FFmpegError as exc:
                 raise SourceError(
                     f"{self.path}: cannot read video after {decoded} decoded frames "
                     f"({type(exc).__name__}: {_one_line(exc)})"
                 ) from exc
             finally:
-                if bad_packets:
+                truncated = ended and header is not None and decoded < header
+                object.__setattr__(self, "_decode", {
+                    "frames_decoded": decoded, "frames_header": header, "complete": ended,
+                    "truncated": truncated, "skipped_packets": bad_packets})
+                skipped = f", skipped {bad_packets} undecodable packet(s)" if bad_packets else ""
+                if truncated and decoded:
+                    log.warning("%s: truncated or damaged video: decoding stopped after %d of the %d frames "
+                                "its header states%s", self.path, decoded, header, skipped)
+                elif bad_packets and decoded:      # none decoded: the error below says it all
                     log.warning("%s: skipped %d undecodable packet(s)", self.path, bad_packets)
         if decoded == 0:
             why = f" (last error: {_one_line(last_error)})" if last_error else ""
-            raise SourceError(f"{self.path}: no decodable video frames{why}")
+            hdr = f" although its header states {header} (truncated or damaged file?)" if header else ""
+            raise SourceError(f"{self.path}: no decodable video frames{hdr}{why}")
         if yielded == 0:
             rng = f"start={self.start:g}s" + (f", end={self.end:g}s" if self.end is not None else "")
             raise SourceError(
