@@ -9,11 +9,27 @@ and the video is replayed at the speed that offers the chosen multiple of it.
     python bench/scheduler.py [--graph graphs/streaming_vlm_small.yaml] [--seconds 20]
 
 Prints a table, writes bench/results/scheduler.json and docs/img/scheduler.png.
+
+``--fairness`` runs the multi-stream benchmark instead: N identical cameras (the same clip,
+the same capture times) share one executor at an offered load of ``--fair-load`` x capacity,
+for every overload policy, with the runner's :class:`FairEDF` and with the plain EDF it
+replaced (deadline ties to the lower stream index); frames served per stream, in real time
+with the real engines and on the simulated clock with the calibrated costs. Writes
+bench/results/scheduler_fairness.json.
+
+    python bench/scheduler.py --fairness [--streams 3,8] [--fair-load 1.2] [--frames-per-stream 120]
+
+``--fair-campaign N`` (simulated clock only, no engines, about a minute for 120): N seeded
+random configurations — 2 to 8 streams, load 1.05 to 3x, cameras in phase, a few ms apart
+or anywhere in the frame period, with or without cost jitter — and, per policy, the largest
+deviation of a stream's frames served from the mean. Writes
+bench/results/scheduler_fairness_campaign.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +43,8 @@ from streamgraph.compiler.compile import compile_graph  # noqa: E402
 from streamgraph.runtime import sources  # noqa: E402
 from streamgraph.runtime.clock import SimulatedClock, WallClock  # noqa: E402
 from streamgraph.runtime.runner import Question, StreamRunner  # noqa: E402
+from streamgraph.runtime.scheduler import FairEDF, Scheduler  # noqa: E402
+from streamgraph.runtime.simulate import SimulatedSession  # noqa: E402
 from streamgraph.runtime.session import Session  # noqa: E402
 
 POLICIES = ("fifo", "drop_late", "latest_only", "degrade")
@@ -63,6 +81,139 @@ def run_one(bundle: Path, video: Path, policy: str, speed: float, seconds: float
     }
 
 
+class PlainEDF(FairEDF):
+    """The rule FairEDF replaced: earliest deadline, ties to the lower stream index."""
+
+    def pick(self, heads, now):
+        return min(heads, key=lambda h: (h[1], h[0]))[0]
+
+
+def fairness_runs(bundle: Path, video: Path, n_streams: int, load: float, n_frames: int, native_fps: float,
+                  frame_size, capacity: float, costs: dict, threads: int | None) -> list[dict]:
+    """N identical streams of ``n_frames`` frames at ``load`` x capacity, every policy,
+    FairEDF vs plain EDF, real engines on the wall clock and SimulatedSession with the
+    calibrated costs."""
+    per_stream_fps = load * capacity / n_streams
+    speed = per_stream_fps / native_fps
+    frames = list(sources.video(video, fps=None, size=tuple(frame_size), max_frames=n_frames))
+    rows = []
+    for policy in ("drop_late", "degrade", "latest_only"):
+        for rule in ("edf", "fair"):
+            for mode in ("real", "simulated"):
+                if mode == "real":
+                    sessions = []
+                    for _ in range(n_streams):
+                        s = Session.open(bundle, "onnxruntime", clock=SimulatedClock(), overload=policy, threads=threads)
+                        s.calibrate(repeats=3)
+                        sessions.append(s)
+                    clock = WallClock()
+                else:
+                    clock = SimulatedClock()
+                    sessions = []
+                    for _ in range(n_streams):
+                        s = SimulatedSession(Scheduler(policy, costs["deadline_ms"], 1000.0, budgets=costs["budgets"]),
+                                             costs["stages"], clock=clock)
+                        s.calibrate()
+                        sessions.append(s)
+                for s in sessions:
+                    s.clock = clock
+                runner = StreamRunner([(s, frames) for s in sessions], speed=speed)
+                if rule == "edf":
+                    runner.picker = PlainEDF(n_streams)
+                reps = runner.run()
+                served = [r.summary["processed"] for r in reps]
+                mean = sum(served) / n_streams
+                row = {"streams": n_streams, "load": load, "policy": policy, "rule": rule, "mode": mode,
+                       "offered_per_stream": len(frames), "served": served, "wall_s": clock.now() if mode == "real" else None,
+                       "in_deadline": [sum(1 for f in r.frames if f.decision == "run" and f.deadline_met) for r in reps],
+                       "max_dev_pct": 100 * max(abs(x - mean) for x in served) / mean if mean else None}
+                rows.append(row)
+                print(f"{n_streams} streams {load:g}x {policy:11s} {rule:4s} {mode:9s} served {served} "
+                      f"(max deviation from mean {row['max_dev_pct']:.1f}%)", flush=True)
+    return rows
+
+
+def fairness_main(args) -> None:
+    bundle = compile_graph(args.graph, REPO / "build" / "bench-scheduler").bundle.path
+    probe = Session.open(bundle, "onnxruntime", threads=args.threads)
+    probe.calibrate(repeats=5)
+    full = probe.budgets[-1]
+    frame_s = probe.scheduler.costs.predict_frame(full)
+    capacity = 1.0 / frame_s
+    native = sources.video(args.video).native_fps()
+    stages = {}
+    for st in ("preprocess", "encode", "reduce", "prefill"):
+        if st in ("reduce", "prefill"):
+            stages[st] = {b: probe.scheduler.costs.predict(st, b) or 0.0 for b in probe.budgets}
+        else:
+            stages[st] = probe.scheduler.costs.predict(st) or 0.0
+    costs = {"stages": stages, "budgets": probe.budgets, "deadline_ms": probe.scheduler.frame_deadline * 1000}
+    print(f"bundle {bundle.name}: full-budget frame {1000 * frame_s:.1f} ms -> capacity {capacity:.2f} fps")
+    rows = []
+    for n in (int(x) for x in args.streams.split(",")):
+        rows += fairness_runs(bundle, Path(args.video), n, args.fair_load, args.frames_per_stream, native,
+                              probe.plan.image_size, capacity, costs, args.threads)
+    out = Path(args.out).with_name("scheduler_fairness.json") if args.out == DEFAULT_OUT else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"capacity_fps": capacity, "frame_ms": 1000 * frame_s, "budgets": probe.budgets, "costs": costs,
+            "graph": args.graph, "frames_per_stream": args.frames_per_stream, "command": " ".join(sys.argv),
+            "load_average_at_end": os.getloadavg()}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+DEFAULT_OUT = str(REPO / "bench" / "results" / "scheduler.json")
+
+
+def fairness_campaign(n_cases: int, seed: int = 0) -> dict:
+    """Seeded random multi-stream configurations on the simulated clock; see the module doc."""
+    from streamgraph.runtime.sources import Frame
+
+    rng = np.random.default_rng(seed)
+    img = np.zeros((2, 2, 3), np.uint8)
+    cases = []
+    # the worst case found while developing FairEDF (another seed), kept as case 0
+    known = [("latest_only", 5, 1.3689096615831366, 0.0,
+              np.array([0.03180174, 0.07108799, 0.04603553, 0.05074699, 0.07896657]))]
+    for i in range(n_cases + len(known)):
+        if i < len(known):
+            policy, n, load, jitter, phases = known[i]
+        else:
+            policy = ("drop_late", "degrade", "latest_only")[i % 3]
+            n = int(rng.integers(2, 9))
+            load = float(rng.uniform(1.05, 3.0))
+            jitter = float(rng.choice([0.0, 0.1]))
+            spread = float(rng.choice([0.0, 0.05, 1.0]))          # in phase, a few ms, anywhere
+            phases = rng.uniform(0, 0.1, n) * spread
+        clock = SimulatedClock()
+        c = load / (n * 10.0)                                       # 10 fps per camera
+        sessions = []
+        for j in range(n):
+            s = SimulatedSession(Scheduler(policy, 300.0, 500.0, budgets=[16, 32, 64]),
+                                 {"encode": c / 2, "prefill": {16: c / 10, 32: c / 4, 64: c / 2}},
+                                 clock=clock, jitter=jitter, seed=j)
+            s.calibrate()
+            sessions.append(s)
+        streams = [(s, [Frame(image=img, timestamp=phases[j] + k / 10.0, index=k, source_index=k)
+                        for k in range(200)]) for j, s in enumerate(sessions)]
+        served = [r.summary["processed"] for r in StreamRunner(streams).run()]
+        mean = sum(served) / n
+        cases.append({"policy": policy, "streams": n, "load": load, "jitter": jitter,
+                      "phases_s": phases.tolist(), "served": served,
+                      "max_dev_pct": 100 * max(abs(x - mean) for x in served) / mean,
+                      "min_vs_mean_pct": 100 * (min(served) - mean) / mean})
+    worst = {}
+    for p in ("drop_late", "degrade", "latest_only"):
+        mine = [c for c in cases if c["policy"] == p]
+        worst[p] = {"cases": len(mine), "max_dev_pct": max(c["max_dev_pct"] for c in mine),
+                    "min_vs_mean_pct": min(c["min_vs_mean_pct"] for c in mine),
+                    "within_10pct": sum(c["max_dev_pct"] <= 10 for c in mine)}
+        print(f"{p:11s} {len(mine)} cases: largest deviation from the mean {worst[p]['max_dev_pct']:.1f}%, "
+              f"least-served stream {worst[p]['min_vs_mean_pct']:+.1f}% of the mean, "
+              f"{worst[p]['within_10pct']} within 10%")
+    return {"worst": worst, "cases": cases}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--graph", default=str(REPO / "graphs" / "streaming_vlm_small.yaml"))
@@ -70,8 +221,22 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="wall seconds of stream per run")
     ap.add_argument("--loads", default="1,2", help="offered load as multiples of measured capacity")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "scheduler.json"))
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--fairness", action="store_true", help="multi-stream fairness benchmark instead")
+    ap.add_argument("--streams", default="3,8", help="--fairness: numbers of identical streams")
+    ap.add_argument("--fair-load", type=float, default=1.2, help="--fairness: offered load x capacity")
+    ap.add_argument("--frames-per-stream", type=int, default=120, help="--fairness: frames offered per stream")
+    ap.add_argument("--fair-campaign", type=int, default=0, metavar="N",
+                    help="N random simulated multi-stream configurations (no engines)")
     args = ap.parse_args()
+    if args.fair_campaign:
+        res = fairness_campaign(args.fair_campaign)
+        out = REPO / "bench" / "results" / "scheduler_fairness_campaign.json"
+        out.write_text(json.dumps({"command": " ".join(sys.argv), **res}, indent=1) + "\n")
+        print(f"wrote {out}")
+        return
+    if args.fairness:
+        return fairness_main(args)
 
     bundle = compile_graph(args.graph, REPO / "build" / "bench-scheduler").bundle.path
     probe = Session.open(bundle, "onnxruntime", threads=args.threads)
