@@ -232,11 +232,12 @@ OPS_NAMES = ["vision_encoder", "stc_cacher", "topk_saliency", "dtd", "stc_pruner
 
 
 def nasty_value(ch: Chooser) -> Any:
+    """An extreme value (a fresh copy: mutations edit documents in place)."""
     r = ch.integer(0, 9)
     if r < 5:
         return ch.choice(NASTY_NUMBERS)
     if r < 8:
-        return ch.choice(NASTY_OTHER)
+        return _copy(ch.choice(NASTY_OTHER))
     if r < 9:
         return ch.text()
     return ch.integer(-(2**70), 2**70)
@@ -245,6 +246,13 @@ def nasty_value(ch: Chooser) -> Any:
 def perturb_number(value: Any, ch: Chooser) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return nasty_value(ch)
+    try:
+        return _perturb(value, ch)
+    except (OverflowError, ValueError):  # a huge int in a float, NaN or inf in an int
+        return -value
+
+
+def _perturb(value: int | float, ch: Chooser) -> Any:
     r = ch.integer(0, 7)
     if r == 0:
         return -value
@@ -257,10 +265,7 @@ def perturb_number(value: Any, ch: Chooser) -> Any:
     if r == 4:
         return int(value) * 2 ** ch.integer(1, 70)
     if r == 5:
-        try:
-            return value / 10 ** ch.integer(1, 400)
-        except OverflowError:
-            return -value
+        return value / 10 ** ch.integer(1, 400)
     if r == 6:
         return str(value)
     return float(value)
