@@ -155,7 +155,7 @@ def _check_budget(value: Any) -> int | list[int]:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"item {i}: expected an integer, got {_describe(v)}")
             if not 1 <= v <= MAX_TOKENS:
-                raise ValueError(f"item {i}: must be >= 1 and <= {MAX_TOKENS}, got {_int(v)}")
+                raise ValueError(f"item {i}: {_range_problem(v)}")
         if len(set(value)) != len(value):
             raise ValueError(f"token budgets must be distinct, got {value}")
         return sorted(value)
@@ -163,8 +163,12 @@ def _check_budget(value: Any) -> int | list[int]:
         raise ValueError(f"expected an integer, got {_describe(value)} (a token budget is an "
                          f"integer >= 1 or a list of them)")
     if not 1 <= value <= MAX_TOKENS:
-        raise ValueError(f"must be >= 1 and <= {MAX_TOKENS}, got {_int(value)}")
+        raise ValueError(_range_problem(value))
     return value
+
+
+def _range_problem(value: int) -> str:
+    return f"must be >= 1, got {_int(value)}" if value < 1 else f"must be <= {MAX_TOKENS}, got {_int(value)}"
 
 
 def _int(value: int) -> str:
