@@ -137,7 +137,7 @@ def _graph(tmp: Path, old: str, new: str) -> Path:
     ("fps: 2", "fps: 1.0e+300", "stream.fps"),
     ("max_new_tokens: 6", "max_new_tokens: 1000000000000000000000000000000000000000",
      "nodes.llm.max_new_tokens"),
-])
+], ids=["frame_size-2**63", "frame_size-2**63-8", "frame_area", "fps-1e300", "max_new_tokens-10**39"])
 def test_validate_issue_repros(tmp_path, capsys, old, new, field):
     """The issue's repros through `streamgraph validate`: rc 1, one located line (was an
     internal error with a C++ trace, or `ok`)."""

@@ -8,12 +8,15 @@ is one line, ``FILE:LINE:COL: FIELD: MESSAGE``, pointing at the YAML node at fau
 Parsing composes the YAML (keeping every node's line and column), rejects duplicate
 keys, constructs plain values, checks each node's ``op`` against the registry
 (:mod:`streamgraph.compiler.ops`), then validates with pydantic (strict types, unknown
-fields forbidden) and converts pydantic's errors into located messages. Structural
+fields forbidden; every number finite and within the bounds of
+:mod:`streamgraph.compiler.limits`) and converts pydantic's errors into located messages.
+YAML is read as PyYAML's safe loader reads it, plus YAML 1.2 exponent floats (``1e3``),
+with collections nested at most ``limits.MAX_YAML_DEPTH`` deep. Structural
 checks across nodes (references, cycles, port types, shapes) live in
 :mod:`streamgraph.compiler.graph`.
 
 Regenerate ``docs/graph.schema.json`` with
-``python -m streamgraph.compiler.spec > docs/graph.schema.json``.
+``streamgraph schema -o docs/graph.schema.json`` (or ``python -m streamgraph.compiler.spec``).
 """
 from __future__ import annotations
 
@@ -288,9 +291,10 @@ def load_spec(path: str | os.PathLike) -> GraphSpec:
 def parse_spec(text: str, filename: str = "<string>") -> GraphSpec:
     """Parse and validate graph YAML ``text``; ``filename`` is used in error messages.
 
-    Raises :class:`SpecError` (``FILE:LINE:COL: FIELD: MESSAGE``) for malformed YAML,
-    duplicate keys, an empty file or a top level that is not a mapping, unknown ops,
-    unknown fields, wrong types, out-of-range values and missing fields. When there are
+    Raises :class:`SpecError` (``FILE:LINE:COL: FIELD: MESSAGE``) for malformed YAML (a
+    value YAML cannot construct, nesting too deep), duplicate keys, an empty file or a top
+    level that is not a mapping, unknown ops, unknown fields, wrong types, out-of-range
+    values (bounds: :mod:`streamgraph.compiler.limits`) and missing fields. When there are
     several problems the first in file order is reported, with "(and N more errors)".
     """
     root, data = _compose(text, filename)
