@@ -1,4 +1,4 @@
-"""``streamgraph validate | compile | inspect | run | eval | make-suite | schema``.
+"""``streamgraph validate | compile | inspect | run | serve | eval | make-suite | schema``.
 
 Every user error ends in one line ``error: ...`` on stderr naming the problem and where,
 and a non-zero exit (1 for bad input, 2 for bad usage, 3 for an internal error).
@@ -477,6 +477,41 @@ def cmd_eval(args) -> int:
     return 1 if any("error" in r for r in results) and args.strict else 0
 
 
+def cmd_serve(args) -> int:
+    import math
+
+    from streamgraph import serve
+
+    console = _console()
+    token = serve.token_from_env(args.token)
+    serve.check_bind(args.host, token)              # refused before anything loads
+    if args.fps is not None and not (math.isfinite(args.fps) and 0 < args.fps <= MAX_CLI_FPS):
+        raise StreamgraphError(f"--fps must be a number of frames per second in (0, {MAX_CLI_FPS:g}], got {args.fps:g}")
+    if not (math.isfinite(args.speed) and args.speed > 0):
+        raise StreamgraphError(f"--speed must be a finite number > 0, got {args.speed:g}")
+    for name in ("history", "max_streams", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise StreamgraphError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise StreamgraphError(f"--port must be in [0, 65535], got {args.port}")
+    target = args.target
+    if target is not None and Path(target).is_file() and _is_graph_file(Path(target)):
+        target = str(_compile(target, None, False, console).path)
+    if args.video and target is None:
+        raise StreamgraphError("--video needs a TARGET (graph .yaml or bundle directory) to run the streams on")
+
+    def ready(url, streams):
+        console.print(f"serving on {url} ({'token required' if token else 'no token: loopback only'}); "
+                      f"{len(streams)} stream(s): " + (", ".join(f"{s.id} <- {s.cfg.source}" for s in streams) or "-")
+                      + f"; OpenAI base_url {url}/v1, /metrics, /healthz", markup=False, soft_wrap=True)
+
+    return serve.run_server(target=target, videos=args.video or [], host=args.host, port=args.port, token=token,
+                            fps=args.fps, speed=args.speed, loop=args.loop, overload=args.overload,
+                            backend=args.backend, records=args.records, history=args.history,
+                            max_streams=args.max_streams, max_body_bytes=args.max_body_bytes,
+                            log_level=args.log_level, on_ready=ready)
+
+
 def cmd_make_suite(args) -> int:
     from streamgraph.streamqa.scene import EpisodeParams
     from streamgraph.streamqa.suite import write_suite
@@ -569,6 +604,48 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-frames", type=int, default=12)
     m.add_argument("--name", help="suite name (default: the directory name)")
     m.set_defaults(func=cmd_make_suite)
+
+    sv = sub.add_parser("serve", help="serve streams over HTTP: add/remove streams, ask (SSE), OpenAI-compatible "
+                                      "chat completions, Prometheus /metrics (docs/live.md)")
+    sv.add_argument("target", nargs="?", help="graph .yaml or bundle directory: the default of streams added "
+                                              "without one, and of --video")
+    sv.add_argument("--video", action="append", metavar="[ID=]SOURCE",
+                    help="start a stream at launch: a video file (replayed at its capture rate) or a live source "
+                         "(URL, /dev/videoN, FIFO); repeat for several; ID names it (default s1, s2, ...)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
+                                                        "address needs --token)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sv.add_argument("--token", help="API token clients must send as 'Authorization: Bearer TOKEN' "
+                                    "(default $STREAMGRAPH_API_TOKEN); required off loopback")
+    sv.add_argument("--fps", type=float, help="sampling fps of the --video streams (default: the graph's)")
+    sv.add_argument("--speed", type=float, default=1.0, help="replay --video files this many times faster")
+    sv.add_argument("--loop", action="store_true", help="replay --video files forever")
+    sv.add_argument("--overload", choices=["drop_late", "latest_only", "degrade", "fifo", "none"],
+                    help="override the graph's slo.overload for the --video streams")
+    sv.add_argument("--records", help="directory where each stream appends its records to <id>/records.jsonl")
+    sv.add_argument("--history", type=int, default=1024, help="records of each kind kept in memory per stream")
+    sv.add_argument("--max-streams", type=int, default=8, help="streams served at once at most (default 8)")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                    help="largest request body accepted, bytes (default 1 MiB; larger: 413)")
+    sv.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                    help="uvicorn's log level (access log at info)")
+    sv.set_defaults(func=cmd_serve)
+
+    cp = sub.add_parser("capacity", help="predict how many identical streams this machine serves within the "
+                                         "deadline, and which resource binds (CPU time or memory)")
+    cp.add_argument("target", help="graph .yaml (compiled on the fly) or bundle directory")
+    cp.add_argument("--fps", type=float, help="frames per second of every stream, in (0, 1000] "
+                                              "(default: the graph's stream.fps)")
+    cp.add_argument("--threads", type=int, help="intra-op threads of the engines (default: the machine's cores)")
+    cp.add_argument("--memory-gb", type=float, help="GiB the streams may use (default: memory available now)")
+    cp.add_argument("--probe-frames", type=int, default=40,
+                    help="frames run to measure the cost distribution (default 40)")
+    cp.add_argument("--miss-rate", type=float, default=0.01,
+                    help="share of frames allowed to end late, be dropped or degraded (default 0.01: p99)")
+    cp.add_argument("--video", help="measure costs on the first frames of this video (default: a synthetic clip)")
+    cp.add_argument("--json", action="store_true", help="print every figure as JSON")
+    cp.set_defaults(func=cmd_capacity)
 
     s = sub.add_parser("schema", help="print the JSON Schema of graph files")
     s.add_argument("-o", "--output")
