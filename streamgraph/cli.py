@@ -495,9 +495,14 @@ def cmd_serve(args) -> int:
     if not 0 <= args.port <= 65535:
         raise StreamgraphError(f"--port must be in [0, 65535], got {args.port}")
     target = args.target
+    videos = list(args.video or [])
+    if not videos and target is not None:          # the sources the graph names (stream.source), as `run`
+        from types import SimpleNamespace
+
+        videos = _run_sources(SimpleNamespace(video=None, reconnect_attempts=None, speed=args.speed), Path(target))
     if target is not None and Path(target).is_file() and _is_graph_file(Path(target)):
         target = str(_compile(target, None, False, console).path)
-    if args.video and target is None:
+    if videos and target is None:
         raise StreamgraphError("--video needs a TARGET (graph .yaml or bundle directory) to run the streams on")
 
     def ready(url, streams):
@@ -505,7 +510,7 @@ def cmd_serve(args) -> int:
                       f"{len(streams)} stream(s): " + (", ".join(f"{s.id} <- {s.cfg.source}" for s in streams) or "-")
                       + f"; OpenAI base_url {url}/v1, /metrics, /healthz", markup=False, soft_wrap=True)
 
-    return serve.run_server(target=target, videos=args.video or [], host=args.host, port=args.port, token=token,
+    return serve.run_server(target=target, videos=videos, host=args.host, port=args.port, token=token,
                             fps=args.fps, speed=args.speed, loop=args.loop, overload=args.overload,
                             backend=args.backend, records=args.records, history=args.history,
                             max_streams=args.max_streams, max_body_bytes=args.max_body_bytes,
@@ -609,9 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "chat completions, Prometheus /metrics (docs/live.md)")
     sv.add_argument("target", nargs="?", help="graph .yaml or bundle directory: the default of streams added "
                                               "without one, and of --video")
-    sv.add_argument("--video", action="append", metavar="[ID=]SOURCE",
+    sv.add_argument("--video", "--source", action="append", dest="video", metavar="[ID=]SOURCE",
                     help="start a stream at launch: a video file (replayed at its capture rate) or a live source "
-                         "(URL, /dev/videoN, FIFO); repeat for several; ID names it (default s1, s2, ...)")
+                         "(URL, /dev/videoN, FIFO); repeat for several; ID names it (default s1, s2, ...); "
+                         "default: the sources the graph names (stream.source)")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other "
                                                         "address needs --token)")
     sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")

@@ -101,7 +101,8 @@ def open_source(cfg: StreamConfig, session) -> tuple[Iterable, object]:
     size = tuple(session.plan.image_size) if session.plan.resample == "ffmpeg_bilinear" else None
     opener = getattr(sources, "open_source", None)      # live sources (URLs, devices, pipes) where present
     if opener is not None:
-        src = opener(cfg.source, fps=fps, size=size, max_frames=cfg.max_frames)
+        src = opener(cfg.source, fps=fps, size=size, max_frames=cfg.max_frames,
+                     **_live_options(cfg.source, session.bundle.manifest))
     else:
         src = sources.video(cfg.source, fps=fps, size=size, max_frames=cfg.max_frames)
     if not cfg.loop:
@@ -109,6 +110,25 @@ def open_source(cfg: StreamConfig, session) -> tuple[Iterable, object]:
     if not isinstance(src, sources.VideoSource):
         raise ValueError(f"{cfg.source}: loop applies to video files only")
     return _looped(src, 1.0 / (src.fps or src.native_fps())), src
+
+
+def _live_options(source: str, manifest: dict) -> dict:
+    """Keyword arguments of :func:`streamgraph.runtime.live.live` from the graph's
+    ``stream.live`` section (reconnect backoff, timeouts, FFmpeg format and options), for a
+    live ``source``; {} for a file or a graph without the section."""
+    section = ((manifest.get("graph") or {}).get("stream") or {}).get("live")
+    if not section:
+        return {}
+    from streamgraph.runtime import live
+
+    if not live.is_live(source):
+        return {}
+    out = {"reconnect": live.Reconnect(attempts=section.get("attempts", 5), initial_s=section.get("initial_s", 0.5),
+                                       max_s=section.get("max_s", 5.0))}
+    for key in ("open_timeout_s", "read_timeout_s", "format", "options"):
+        if section.get(key) is not None:
+            out[key] = section[key]
+    return out
 
 
 def _is_live(source) -> bool:
