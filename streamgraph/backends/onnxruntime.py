@@ -15,9 +15,15 @@ class OnnxRuntimeBackend(Backend):
     ``providers`` defaults to CPU; ``threads`` sets intra-op threads per session (default: the
     machine's cores). Spinning is disabled (``session.intra_op.allow_spinning = 0``) because
     several sessions share the cores and spinning threads fight each other.
+
+    Thread-safe (``thread_safe = True``): ONNX Runtime documents ``InferenceSession.run`` as
+    safe to call from several threads at once, and this backend keeps no state between calls,
+    so streams on different threads may run the same engines concurrently (the calls share
+    each engine's intra-op thread pool).
     """
 
     name = "onnxruntime"
+    thread_safe = True
 
     def __init__(self, bundle, providers: list[str] | None = None, threads: int | None = None):
         try:

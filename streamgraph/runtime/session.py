@@ -21,13 +21,15 @@ ChatML strings above are the defaults for bundles without them.
 """
 from __future__ import annotations
 
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from streamgraph.backends.base import Backend, open_backend
+from streamgraph.backends.base import Backend, SerializedBackend, open_backend
 from streamgraph.compiler.bundle import Bundle, open_bundle
 from streamgraph.errors import BundleError, NonFiniteError, ReportError
 from streamgraph.runtime.clock import Clock, SimulatedClock
@@ -46,7 +48,8 @@ VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 class Session(StreamBase):
     """A live streaming session over one bundle.
 
-    Use :meth:`open`. ``push_frame`` runs (or drops) one frame under its deadline and returns
+    Use :meth:`open` (engines of its own) or ``Session.open(engines)`` / :meth:`Engines.session`
+    (engines shared with the other streams of the bundle). ``push_frame`` runs (or drops) one frame under its deadline and returns
     its :class:`~streamgraph.runtime.metrics.FrameRecord`; ``ask`` streams an answer's text
     pieces; ``report`` summarises the run. With ``trace=True`` every decoder step's logits are
     kept in ``self.trace`` (for parity tests). Several sessions can share one executor through
@@ -61,12 +64,15 @@ class Session(StreamBase):
     ``error`` record and is not committed (KV buffer, cache policy and reducer state unchanged;
     the stream goes on as if it had been dropped); a question that hits one raises
     :class:`~streamgraph.errors.NonFiniteError` with the error in its record.
+
+    Not thread-safe: drive a session from one thread at a time. To ask questions from other
+    threads while frames stream, run it in a :class:`~streamgraph.runtime.runner.StreamRunner`
+    and use :meth:`~streamgraph.runtime.runner.StreamRunner.ask`.
     """
 
     def __init__(self, bundle: Bundle, backend: Backend, *, clock: Clock | None = None,
-                 overload: str | None = None, trace: bool = False, history: int = DEFAULT_HISTORY):
-        from tokenizers import Tokenizer
-
+                 overload: str | None = None, trace: bool = False, history: int = DEFAULT_HISTORY,
+                 _assets: "_Assets | None" = None):
         self.bundle = bundle
         self.plan = bundle.plan
         self.backend = GuardedBackend(backend)    # engine errors named, NaN/Inf outputs refused
@@ -76,14 +82,10 @@ class Session(StreamBase):
         self.budgets = self.reducer_stage.budgets          # ascending token-budget buckets
         StreamBase.__init__(self, Scheduler(overload or slo["overload"], slo["frame_deadline_ms"], slo["ttft_ms"],
                                             budgets=self.budgets), clock or SimulatedClock(), history)
-        tok_rel = bundle.manifest["prompt"]["tokenizer"]
-        try:                              # the file verified at load, inside the bundle
-            self.tokenizer = Tokenizer.from_file(str(bundle.file(tok_rel)))
-        except BundleError:
-            raise
-        except Exception as e:            # tokenizers' parse errors: one line naming the file
-            raise BundleError(f"{bundle.path / tok_rel}: not a usable tokenizer: "
-                              f"{' '.join(str(e).split())}") from None
+        self.clock_default = clock is None      # a StreamRunner may install its own clock (live sources)
+        self.engines: Engines | None = None     # set when opened on shared Engines
+        assets = _assets or _Assets.load(bundle)
+        self.tokenizer = assets.tokenizer
         self.kv = KVBuffer(self.plan.kv.shape, self.plan.kv.dtype)
         if self.kv.nbytes != self.plan.kv.bytes:
             raise AssertionError(f"KV buffer {self.kv.nbytes} B != plan {self.plan.kv.bytes} B")
@@ -106,39 +108,38 @@ class Session(StreamBase):
         stop = prompt.get("stop_token_ids") or [self.tokenizer.token_to_id(IM_END),
                                                  self.tokenizer.token_to_id(ENDOFTEXT)]
         self._stop_ids = {i for i in stop if i is not None}
-        video_end = prompt.get("video_end_embedding")
-        self._video_end = None
-        if video_end:
-            try:
-                emb = np.load(bundle.file(video_end), allow_pickle=False)
-                if not isinstance(emb, np.ndarray) or emb.size != self.plan.hidden_size:
-                    raise ValueError(f"expected {self.plan.hidden_size} values, got {getattr(emb, 'shape', emb)}")
-            except BundleError:
-                raise
-            except Exception as e:
-                raise BundleError(f"{bundle.path / video_end}: not a usable video-end embedding: "
-                                  f"{' '.join(str(e).split())}") from None
-            self._video_end = np.ascontiguousarray(emb.reshape(1, 1, -1))
+        self._video_end = assets.video_end
         self._segment_frames = 0          # frames prefilled since the last question
         self._pixel_dtype = np.dtype(self.plan.engines["vision_encoder"].inputs[0].dtype)
         self._prefill_text(self._format["prefix"], "prefix")
 
     @classmethod
-    def open(cls, bundle_dir: str | Path, backend: str = "onnxruntime", *, clock: Clock | None = None,
+    def open(cls, bundle_dir: "str | Path | Engines", backend: str | None = None, *, clock: Clock | None = None,
              overload: str | None = None, trace: bool = False, history: int = DEFAULT_HISTORY,
              **backend_options) -> "Session":
-        """Load and verify a bundle and start a session on it.
+        """Start a session on a bundle: ``bundle_dir`` is a bundle directory (its engines are
+        loaded for this session alone) or an :class:`Engines` (the bundle's engines loaded
+        once, shared with every other session opened on it; this session gets its own KV
+        buffer, cache policy, reducer/encoder state and scheduler).
 
-        ``bundle_key`` (in ``backend_options``): HMAC key of a keyed bundle (default
-        ``$STREAMGRAPH_BUNDLE_KEY``, docs/bundles.md). The bundle directory stays share-locked
-        until its engines are loaded, so a concurrent compile cannot swap it meanwhile.
+        ``backend`` (default ``onnxruntime``) and ``backend_options`` apply to a directory
+        only (an Engines already has its backend). ``bundle_key`` (in ``backend_options``):
+        HMAC key of a keyed bundle (default ``$STREAMGRAPH_BUNDLE_KEY``, docs/bundles.md). The
+        bundle directory stays share-locked until its engines are loaded, so a concurrent
+        compile cannot swap it meanwhile.
 
         Raises :class:`~streamgraph.errors.BundleError` (one line naming the file) for a
-        missing, corrupt, tampered or malformed bundle and
-        :class:`~streamgraph.errors.BackendUnavailableError` when the backend cannot run."""
+        missing, corrupt, tampered or malformed bundle,
+        :class:`~streamgraph.errors.BackendUnavailableError` when the backend cannot run, and
+        ValueError for backend options given with an Engines."""
+        if isinstance(bundle_dir, Engines):
+            if backend is not None or backend_options:
+                raise ValueError("Session.open(engines): the backend and its options are the Engines' "
+                                 "(given to Engines.load)")
+            return bundle_dir.session(clock=clock, overload=overload, trace=trace, history=history)
         key = backend_options.pop("bundle_key", None)
         with open_bundle(bundle_dir, key=key) as bundle:
-            return cls(bundle, open_backend(backend, bundle, **backend_options), clock=clock,
+            return cls(bundle, open_backend(backend or "onnxruntime", bundle, **backend_options), clock=clock,
                        overload=overload, trace=trace, history=history)
 
     # ------------------------------------------------------------------ decoder steps
@@ -397,3 +398,115 @@ class Session(StreamBase):
                 "backend": self.backend.name, "lock_key": self.bundle.lock_key, "cache": self.plan.cache,
                 "kv_bytes_planned": self.plan.kv.bytes, "kv_bytes_allocated": self.kv.nbytes,
                 "kv_buffer_address_constant": self.kv.data.ctypes.data == self.kv.address}
+
+
+# ---------------------------------------------------------------------- shared engines
+@dataclass(frozen=True)
+class _Assets:
+    """What every session of a bundle reads from its files besides the engines: the
+    tokenizer and the video-end embedding ``[1,1,C]`` (None when the bundle has none)."""
+
+    tokenizer: object
+    video_end: np.ndarray | None
+
+    @classmethod
+    def load(cls, bundle: Bundle) -> "_Assets":
+        """Raises BundleError (one line naming the file) for an unusable tokenizer or
+        video-end embedding."""
+        from tokenizers import Tokenizer
+
+        prompt = bundle.manifest["prompt"]
+        tok_rel = prompt["tokenizer"]
+        try:                              # the file verified at load, inside the bundle
+            tokenizer = Tokenizer.from_file(str(bundle.file(tok_rel)))
+        except BundleError:
+            raise
+        except Exception as e:            # tokenizers' parse errors: one line naming the file
+            raise BundleError(f"{bundle.path / tok_rel}: not a usable tokenizer: "
+                              f"{' '.join(str(e).split())}") from None
+        video_end = prompt.get("video_end_embedding")
+        emb = None
+        if video_end:
+            hidden = bundle.plan.hidden_size
+            try:
+                emb = np.load(bundle.file(video_end), allow_pickle=False)
+                if not isinstance(emb, np.ndarray) or emb.size != hidden:
+                    raise ValueError(f"expected {hidden} values, got {getattr(emb, 'shape', emb)}")
+            except BundleError:
+                raise
+            except Exception as e:
+                raise BundleError(f"{bundle.path / video_end}: not a usable video-end embedding: "
+                                  f"{' '.join(str(e).split())}") from None
+            emb = np.ascontiguousarray(emb.reshape(1, 1, -1))
+            emb.flags.writeable = False   # shared by every session of the bundle
+        return cls(tokenizer, emb)
+
+
+class Engines:
+    """A bundle's engines loaded once, shared by every stream of that bundle.
+
+    ``Engines.load(bundle_dir)`` verifies the bundle and opens its backend once (for
+    ``onnxruntime``: one ``InferenceSession`` per engine), with the tokenizer and the
+    video-end embedding. Each :meth:`session` (or ``Session.open(engines)``) then allocates
+    only what is its own: the KV buffer (``plan.kv.bytes``), the cache policy, the
+    reducer/encoder state buffers and the scheduler with its cost model. A stream's outputs
+    are the same as on engines of its own (engines hold no stream state).
+
+    Memory: the engine weights once, plus per stream the planned KV buffer and state
+    (``bench/shared_backend.py`` measures it).
+
+    Threads: when the backend is thread-safe (``backend.thread_safe``; ONNX Runtime's
+    ``InferenceSession.run`` is), sessions on one Engines may run on different threads at
+    the same time; a backend that is not (``tensorrt``, ``torch``) is wrapped in
+    :class:`~streamgraph.backends.base.SerializedBackend` (one engine call at a time). One
+    :class:`Session` is not thread-safe: drive each from one thread at a time (to ask from other
+    threads while it streams, use :meth:`StreamRunner.ask
+    <streamgraph.runtime.runner.StreamRunner.ask>`).
+    """
+
+    def __init__(self, bundle: Bundle, backend: Backend, _assets: _Assets | None = None):
+        self.bundle = bundle
+        self.backend: Backend = backend if getattr(backend, "thread_safe", False) else SerializedBackend(backend)
+        self._assets = _assets or _Assets.load(bundle)
+        self._lock = threading.Lock()
+        self.sessions_opened = 0              # sessions started on these engines so far
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, backend: str = "onnxruntime", *, bundle_key: bytes | str | None = None,
+             **backend_options) -> "Engines":
+        """Load and verify the bundle at ``bundle_dir`` and open its engines with ``backend``
+        (``onnxruntime``, ``torch``, ``tensorrt``; ``backend_options`` go to it, e.g.
+        ``threads``). The directory stays share-locked until the engines and the tokenizer are
+        loaded, so a concurrent compile cannot swap it meanwhile.
+
+        Raises :class:`~streamgraph.errors.BundleError` (one line naming the file) for a
+        missing, corrupt, tampered or malformed bundle,
+        :class:`~streamgraph.errors.BackendUnavailableError` when the backend cannot run."""
+        with open_bundle(bundle_dir, key=bundle_key) as bundle:
+            be = open_backend(backend, bundle, **backend_options)
+            return cls(bundle, be, _Assets.load(bundle))
+
+    @property
+    def name(self) -> str:
+        """The backend's name (``onnxruntime``, ...)."""
+        return self.backend.name
+
+    def session(self, *, clock: Clock | None = None, overload: str | None = None, trace: bool = False,
+                history: int = DEFAULT_HISTORY) -> Session:
+        """A new :class:`Session` on these engines (arguments as :meth:`Session.open`)."""
+        s = Session(self.bundle, self.backend, clock=clock, overload=overload, trace=trace, history=history,
+                    _assets=self._assets)
+        s.engines = self
+        with self._lock:
+            self.sessions_opened += 1
+        return s
+
+    def close(self) -> None:
+        """Release the backend (sessions still open on it must not be used afterwards)."""
+        self.backend.close()
+
+    def __enter__(self) -> "Engines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
