@@ -170,6 +170,7 @@ def _check_run_numbers(args) -> None:
 
 
 def cmd_run(args) -> int:
+    import copy
     import logging
     import signal
     import threading
@@ -177,10 +178,10 @@ def cmd_run(args) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from streamgraph.runtime import sources
-    from streamgraph.runtime.clock import SimulatedClock, WallClock
+    from streamgraph.runtime.clock import WallClock
     from streamgraph.runtime.metrics import RECORDS_FILE, check_report_dir
     from streamgraph.runtime.runner import Question, StreamRunner
-    from streamgraph.runtime.session import Session
+    from streamgraph.runtime.session import Engines
 
     console = _console()
     asked = _run_questions(args)                    # bad input is refused before anything runs
@@ -204,16 +205,19 @@ def cmd_run(args) -> int:
         demo = load_suite(sources.streamqa_demo())
         videos = [demo.path / demo.items[0].video]
     sessions, streams, srcs = [], [], []
-    shared_clock = SimulatedClock()
-    for video_path in videos:                       # one session (own KV buffer) per stream
-        session = Session.open(bundle_dir, args.backend, clock=shared_clock, overload=args.overload,
-                               history=args.history)
+    engines = Engines.load(bundle_dir, args.backend)   # engines loaded once, shared by every stream
+    for video_path in videos:                       # one session (own KV buffer and state) per stream;
+        # no clock given: the runner runs them all on one clock (simulated for files, wall for live)
+        session = engines.session(overload=args.overload, history=args.history)
         fps = args.fps or session.bundle.manifest["stream"]["fps"]
         # FFmpeg resizes while decoding for the presets; checkpoints get their own processor's
         # antialiased resize in the session's preprocessing, from the native frame size
         size = tuple(session.plan.image_size) if session.plan.resample == "ffmpeg_bilinear" else None
         src = sources.video(video_path, fps=fps, size=size, max_frames=args.max_frames)
-        session.calibrate()
+        if sessions:                                # same engines: calibrated once
+            session.scheduler.costs = copy.deepcopy(sessions[0].scheduler.costs)
+        else:
+            session.calibrate()
         sessions.append(session)
         streams.append((session, src))
         srcs.append(src)
@@ -296,6 +300,7 @@ def cmd_run(args) -> int:
     except BaseException as e:                      # any way out keeps what was measured
         error = e
     finally:
+        runner.close(error)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         src_log.removeHandler(warn)

@@ -74,5 +74,10 @@ class NonFiniteError(EngineError):
     sampling) holds NaN or Inf; the step that produced it is not committed."""
 
 
+class StreamClosedError(StreamgraphError):
+    """A question was asked of a runner that has stopped (its sources ended, ``stop()`` was
+    called, or an error ended the run) or was still waiting when it stopped."""
+
+
 class ReportError(StreamgraphError):
     """A run's report directory or records file cannot be written."""
