@@ -186,19 +186,20 @@ def cmd_run(args) -> int:
     console = _console()
     asked = _run_questions(args)                    # bad input is refused before anything runs
     _check_run_numbers(args)
-    n_streams = len(args.video) if args.video else 1
+    target = Path(args.target)
+    named = _run_sources(args, target)              # --source/--video, else the graph's stream.source
+    n_streams = len(named) if named else 1
     report_dirs: list[Path] = []
     if args.report:                                 # an unwritable --report fails now, not at the end
         base = check_report_dir(args.report)
         report_dirs = [check_report_dir(base / f"stream-{i}") for i in range(n_streams)] if n_streams > 1 else [base]
-    target = Path(args.target)
     if target.is_file() and _is_graph_file(target):
         bundle_dir = _compile(str(target), None, False, console).path
     else:
         bundle_dir = target
     demo = None
-    if args.video:
-        videos = [Path(v) for v in args.video]
+    if named:
+        videos = named                              # strings: a URL is not a path
     else:                                           # the shipped StreamQA episode and its questions
         from streamgraph.streamqa.suite import load_suite
 
@@ -213,7 +214,8 @@ def cmd_run(args) -> int:
         # FFmpeg resizes while decoding for the presets; checkpoints get their own processor's
         # antialiased resize in the session's preprocessing, from the native frame size
         size = tuple(session.plan.image_size) if session.plan.resample == "ffmpeg_bilinear" else None
-        src = sources.video(video_path, fps=fps, size=size, max_frames=args.max_frames)
+        src = sources.open_source(video_path, fps=fps, size=size, max_frames=args.max_frames,
+                                  **_live_options(session.bundle.manifest["stream"].get("live"), args))
         if sessions:                                # same engines: calibrated once
             session.scheduler.costs = copy.deepcopy(sessions[0].scheduler.costs)
         else:
@@ -221,7 +223,7 @@ def cmd_run(args) -> int:
         sessions.append(session)
         streams.append((session, src))
         srcs.append(src)
-        console.print(f"stream {len(sessions) - 1}: {video_path} at {fps:g} fps through {session.bundle.name} "
+        console.print(f"stream {len(sessions) - 1}: {_source_name(video_path)} at {fps:g} fps through {session.bundle.name} "
                       f"({session.backend.name}, overload={session.scheduler.overload}, "
                       f"deadline {session.scheduler.frame_deadline * 1000:.0f} ms, budgets {session.budgets})")
         model = session.bundle.manifest.get("graph", {}).get("model") or {}
@@ -232,8 +234,11 @@ def cmd_run(args) -> int:
         wall = WallClock()                          # stream time starts after calibration
         for session in sessions:
             session.clock = wall
-    console.print("real time: frames delivered at their capture times" if args.realtime else
-                  "as fast as possible, deadlines in stream time" + (", EDF across streams" if len(sessions) > 1 else ""))
+    if any(getattr(src, "live", False) for src in srcs):
+        console.print("live: real time on the wall clock, newest frame first (capture never waits for the model)")
+    else:
+        console.print("real time: frames delivered at their capture times" if args.realtime else
+                      "as fast as possible, deadlines in stream time" + (", EDF across streams" if len(sessions) > 1 else ""))
     truth: dict[int, str] = {}
     if asked:
         questions = [Question(at=t, text=text) for t, text in asked]
@@ -301,6 +306,9 @@ def cmd_run(args) -> int:
         error = e
     finally:
         runner.close(error)
+        for src in srcs:                            # stop the capture threads of live sources
+            if getattr(src, "live", False):
+                src.close(timeout=2.0)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         src_log.removeHandler(warn)
@@ -313,9 +321,9 @@ def cmd_run(args) -> int:
         report.summary["max_queue"] = runner.max_queue[i]
         stats = srcs[i].decode_stats
         if stats is not None:
-            report.meta["source"] = {"path": str(videos[i]), **stats}
+            report.meta["source"] = {"path": _source_name(videos[i]), **stats}
         if len(sessions) > 1:
-            console.print(f"[bold]stream {i}[/bold] ({videos[i]})")
+            console.print(f"[bold]stream {i}[/bold] ({_source_name(videos[i])})", markup=False)
         _print_summary(report, console)
         if report_dirs:
             try:
@@ -340,6 +348,63 @@ def cmd_run(args) -> int:
     if isinstance(error, StreamgraphError):
         raise StreamgraphError(f"{_where(sessions, error)}{_one_line(error)}{kept}") from error
     raise error                                      # a bug: internal error (rc 3), report kept
+
+
+def _run_sources(args, target: Path) -> list[str]:
+    """The sources ``run`` streams, as strings (a URL is not a path): ``--source``/``--video``
+    as given, else the graph's ``stream.source`` (a relative path relative to the graph file;
+    for a bundle, to the current directory), else none (the bundled demo). Refuses
+    ``--speed`` with a live source (it cannot be replayed faster)."""
+    from streamgraph.runtime import live
+
+    named = list(args.video or [])
+    if not named:
+        raw = None
+        if target.is_file() and _is_graph_file(target):
+            from streamgraph.compiler.spec import load_spec
+
+            spec = load_spec(target)
+            raw = spec.stream.source
+            resolve = spec.resolve_path
+        else:                                       # a bundle: its manifest is verified when loaded
+            try:
+                raw = json.loads((target / "manifest.json").read_text())["graph"]["stream"].get("source")
+            except Exception:
+                raw = None
+            resolve = lambda p: Path(p).expanduser()  # noqa: E731
+        raw = [raw] if isinstance(raw, str) else [r for r in (raw or []) if isinstance(r, str)]
+        named = [r if live.classify(r) in ("url", "stdin") else str(resolve(r)) for r in raw]
+    n = args.reconnect_attempts
+    if n is not None and not 0 <= n <= 1_000_000:
+        raise StreamgraphError(f"--reconnect-attempts must be in [0, 1000000], got {n}")
+    for name in named:
+        if live.is_live(name) and args.speed != 1.0:
+            raise StreamgraphError(f"--speed {args.speed:g}: {live.display_name(name)} is a live source, "
+                                   "which cannot be replayed faster or slower")
+    return named
+
+
+def _live_options(section: dict | None, args) -> dict:
+    """Keyword arguments of :func:`streamgraph.runtime.live.live` from a bundle's
+    ``stream.live`` section and ``--reconnect-attempts``."""
+    from streamgraph.runtime.live import Reconnect
+
+    sec = dict(section or {})
+    attempts = args.reconnect_attempts if args.reconnect_attempts is not None else sec.get("attempts", 5)
+    out = {"reconnect": Reconnect(attempts=attempts, initial_s=sec.get("initial_s", 0.5),
+                                  max_s=sec.get("max_s", 5.0)),
+           "open_timeout_s": sec.get("open_timeout_s", 10.0), "read_timeout_s": sec.get("read_timeout_s", 10.0)}
+    if sec.get("format"):
+        out["format"] = sec["format"]
+    if sec.get("options"):
+        out["options"] = sec["options"]
+    return out
+
+
+def _source_name(source) -> str:
+    from streamgraph.runtime.live import display_name
+
+    return display_name(str(source))
 
 
 def _one_line(e: BaseException) -> str:
@@ -381,6 +446,11 @@ def _print_summary(report, console) -> None:
                   f"deadline misses {s['deadline_misses']}{by}, max queue {s.get('max_queue', '-')}; achieved {s['achieved_fps'] or 0:.2f} fps "
                   f"(compute-bound {s['compute_fps'] or 0:.1f} fps); KV buffer {s['kv_bytes']:,} bytes")
     src = report.meta.get("source") or {}
+    if src.get("live"):
+        gap = f" (without frames {src['gap_s']:.2f} s in all, longest {src['max_gap_s']:.2f} s)" if src["reconnects"] else ""
+        console.print(f"source: {src['path']}: decoded {src['decoded']}, delivered {src['delivered']}, skipped by "
+                      f"capture {src['skipped_by_capture']}, not sampled {src['not_sampled']}; disconnects "
+                      f"{src['disconnects']}, reconnects {src['reconnects']}{gap}", markup=False)
     if src.get("truncated"):
         console.print(f"source: {src['frames_decoded']} of the {src['frames_header']} frames its header states "
                       f"decoded (truncated or damaged file)", markup=False)
@@ -565,9 +635,16 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="stream a video through a bundle (or graph, compiled on the fly)")
     r.add_argument("target", help="graph .yaml or bundle directory")
     r.add_argument("--video", action="append",
-                   help="video file (default: the StreamQA demo episode shipped with streamgraph, whose questions "
-                        "are asked with their true answers); repeat for several "
+                   help="video file (default: the graph's stream.source, else the StreamQA demo episode shipped with "
+                        "streamgraph, whose questions are asked with their true answers); repeat for several "
                         "streams sharing one executor, earliest deadline first")
+    r.add_argument("--source", action="append", dest="video", metavar="SOURCE",
+                   help="a live source or a file: rtsp://, rtmp://, http(s)://, tcp://, udp://... URL, V4L2 device "
+                        "(/dev/video0), named pipe, '-' (stdin) or a video path; repeat for several streams (with "
+                        "--video, in the order given). Live sources run on the wall clock, newest frame first")
+    r.add_argument("--reconnect-attempts", type=int, metavar="N",
+                   help="failed tries in a row before a live source gives up (default: the graph's "
+                        "stream.live.attempts, 5)")
     r.add_argument("--fps", type=float, help="sampling fps in (0, 1000] (default: the graph's stream.fps)")
     r.add_argument("--ask", action="append",
                    help="question to ask about the stream; repeat for several (asked in order)")

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError,
+                      WithJsonSchema, field_validator, model_validator)
 from pydantic.json_schema import GenerateJsonSchema
 
 from streamgraph.compiler import limits
@@ -41,7 +41,7 @@ from streamgraph.compiler.ops import (OPS, SOURCES, DecoderNode, FullNode, NoneN
 from streamgraph.errors import SpecError
 
 __all__ = [
-    "GraphSpec", "ModelSpec", "StreamSpec", "SLOSpec", "BudgetSpec", "NodeSpec",
+    "GraphSpec", "ModelSpec", "StreamSpec", "LiveSpec", "SLOSpec", "BudgetSpec", "NodeSpec",
     "OverloadPolicy", "OVERLOAD_POLICIES", "ModelPreset", "MODEL_PRESETS", "NODE_NAME_PATTERN",
     "GRAPH_NAME_PATTERN", "RESERVED_NODE_NAMES", "load_spec", "parse_spec", "json_schema",
     "format_path",
@@ -64,6 +64,7 @@ NODE_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 RESERVED_NODE_NAMES: tuple[str, ...] = tuple(sorted(SOURCES))
 
 _PATTERN_HINTS = {
+    r"^[A-Za-z0-9_,]{1,64}$": "must be an FFmpeg format name (letters, digits, '_', ',')",
     GRAPH_NAME_PATTERN: "must start with a letter or digit and contain only letters, "
                         "digits, '_', '.' and '-'",
     NODE_NAME_PATTERN: "must start with a letter or '_' and contain only letters, digits "
@@ -122,6 +123,99 @@ class ModelSpec(_Section):
 _FrameSide = Annotated[int, Field(ge=8, le=limits.MAX_FRAME_SIDE)]
 
 
+#: Most sources one graph file names (``stream.source`` as a list: one stream each).
+MAX_SOURCES = 64
+#: URL schemes of live sources (as :data:`streamgraph.runtime.live.LIVE_SCHEMES`).
+_LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "tcp", "udp", "rtp", "srt")
+
+
+def _source_problem(text: str) -> str | None:
+    if not text:
+        return "must not be empty"
+    if len(text) > limits.MAX_PATH_CHARS:
+        return f"must be at most {limits.MAX_PATH_CHARS} characters, got {len(text)}"
+    if not text.isprintable():
+        bad = next(c for c in text if not c.isprintable())
+        return f"cannot contain the control character {bad!r}"
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if m and m.group(1).lower() not in _LIVE_SCHEMES:
+        return (f"unsupported URL scheme {m.group(1)!r} (live sources: {', '.join(_LIVE_SCHEMES)}; "
+                "a file is given by its path)")
+    return None
+
+
+def _check_source(value: Any) -> str | list[str]:
+    if isinstance(value, list):
+        if not value:
+            raise ValueError("expected at least one source, got an empty list")
+        if len(value) > MAX_SOURCES:
+            raise ValueError(f"expected at most {MAX_SOURCES} sources, got {len(value)}")
+        for i, v in enumerate(value):
+            if not isinstance(v, str):
+                raise ValueError(f"item {i}: expected a URL, device or path, got {_describe(v)}")
+            problem = _source_problem(v)
+            if problem:
+                raise ValueError(f"item {i}: {problem}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a URL, device or path (or a list of them), got {_describe(value)}")
+    problem = _source_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+_SOURCE_ITEM = {"type": "string", "minLength": 1, "maxLength": limits.MAX_PATH_CHARS}
+#: ``stream.source``: one source, or a list of them (one stream each).
+SourceField = Annotated[
+    str | list[str], PlainValidator(_check_source),
+    WithJsonSchema({"anyOf": [_SOURCE_ITEM, {"type": "array", "items": _SOURCE_ITEM, "minItems": 1,
+                                             "maxItems": MAX_SOURCES}]})]
+
+
+def _option_text(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+_OptionValue = Annotated[str, BeforeValidator(_option_text), Field(max_length=limits.MAX_PATH_CHARS),
+                         WithJsonSchema({"anyOf": [{"type": "string", "maxLength": limits.MAX_PATH_CHARS},
+                                                   {"type": "number", "minimum": -1e308, "maximum": 1e308}]})]
+_FORMAT_PATTERN = r"^[A-Za-z0-9_,]{1,64}$"
+
+
+class LiveSpec(_Section):
+    """How live sources (URLs, devices, pipes) are opened and reconnected."""
+
+    attempts: int = Field(5, ge=0, le=1_000_000)
+    """Failed tries in a row (a failed open, or a connection that ends before its first
+    frame) after which a live source gives up with an error; the first connection has the
+    same budget. 0 gives up at the first failure."""
+    initial_s: float = Field(0.5, gt=0, le=limits.MAX_SECONDS, allow_inf_nan=False)
+    """Wait before the first retry, in seconds; waits double up to `max_s`. The retry right
+    after a connection that delivered frames is immediate."""
+    max_s: float = Field(5.0, gt=0, le=limits.MAX_SECONDS, allow_inf_nan=False)
+    """Longest wait between two tries, in seconds (>= `initial_s`)."""
+    open_timeout_s: float = Field(10.0, gt=0, le=limits.MAX_SECONDS, allow_inf_nan=False)
+    """Seconds to wait for a connection (or a pipe's writer) before the try fails."""
+    read_timeout_s: float = Field(10.0, gt=0, le=limits.MAX_SECONDS, allow_inf_nan=False)
+    """Seconds without data after which a connection counts as lost."""
+    format: str | None = Field(None, pattern=_FORMAT_PATTERN)
+    """FFmpeg input format (`mpegts`, `h264`, `v4l2`, `rawvideo`, ...); by default FFmpeg
+    probes it (`v4l2` for devices)."""
+    options: dict[Annotated[str, Field(min_length=1, max_length=256)], _OptionValue] = Field(
+        default_factory=dict, max_length=64)
+    """FFmpeg options (numbers are passed as their text), e.g. `{video_size: 640x480, framerate: "30"}` for a
+    camera or `{rtsp_transport: udp}` (RTSP uses TCP by default)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LiveSpec":
+        if self.max_s < self.initial_s:
+            raise ValueError(f"max_s ({self.max_s:g}) must be >= initial_s ({self.initial_s:g})")
+        return self
+
+
 class StreamSpec(_Section):
     """The input frame stream."""
 
@@ -130,6 +224,14 @@ class StreamSpec(_Section):
     frame_size: tuple[_FrameSide, _FrameSide] = Field((64, 64), strict=False)
     """[height, width] in pixels that frames are resized to (each 8 ... 16384, height x width
     <= 2**26)."""
+
+    source: SourceField | None = None
+    """Where frames come from when `run` is given no `--source`/`--video`: a video file, a
+    URL (`rtsp://`, `rtmp://`, `http(s)://`, `tcp://`, `udp://`, ...), a V4L2 device
+    (`/dev/video0`), a named pipe, or `-` (stdin); a list names several streams. A relative
+    path is relative to the graph file. Part of the graph (and of its bundle's lock key)."""
+    live: LiveSpec | None = None
+    """Reconnect and FFmpeg settings of live sources (defaults when absent)."""
 
     @field_validator("frame_size")
     @classmethod
@@ -240,7 +342,11 @@ class GraphSpec(_Section):
     def normalized(self) -> dict:
         """Canonical JSON-able dict of the spec (defaults filled in, keys sorted at every
         level); hashing it gives the graph part of the build lock key."""
-        return _sorted(self.model_dump(mode="json"))
+        data = self.model_dump(mode="json")
+        for key in ("source", "live"):      # absent, not null: graphs without them keep their key
+            if data["stream"].get(key) is None:
+                data["stream"].pop(key, None)
+        return _sorted(data)
 
 
 def _sorted(value: Any) -> Any:
