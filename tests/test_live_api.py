@@ -301,6 +301,18 @@ def test_live_source_runs_on_the_wall_clock_calibrated_and_accounts_for_every_fr
         assert r.decision == "drop" or r.queue_len == 1
 
 
+def test_polled_live_source_stops_at_its_max_frames(onnx_bundle):
+    """A newest-frame source's ``max_frames`` ends the stream as its own iteration would."""
+    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.session import Engines
+
+    session = Engines.load(onnx_bundle).session(overload="fifo")
+    src = _NewestOnly(400, 0.001)
+    src.max_frames = 3
+    StreamRunner([(session, src)], calibrate=False).run()
+    assert src.taken == 3 and len(session.frames) == 3 and src.closed
+
+
 def test_wall_clock_runner_waiting_for_a_frame_wakes_for_a_question(onnx_bundle):
     """The next frame is 1000 s away: a question asked meanwhile is answered now, not then."""
     from streamgraph.runtime.clock import WallClock

@@ -344,6 +344,9 @@ class _LiveFeeder:
 
     def pop_arrived(self, now: float) -> list:
         if self.poll:
+            limit = getattr(self._frames, "max_frames", None)
+            if limit is not None and self.count >= limit:
+                self.done = True                     # the source's max_frames: as its iteration would
             if self.done:
                 return []
             try:
