@@ -109,7 +109,15 @@ def run(args) -> int:
 
     answers: queue.Queue = queue.Queue()             # filled by the runner's thread (callback)
     stats = {"asked": 0, "on_time": 0, "late": 0, "failed": 0, "correct": 0, "scored": 0}
-    frames_thread = threading.Thread(target=runner.run, name="frames", daemon=True)
+    failure: list[BaseException] = []
+
+    def frames_loop() -> None:                       # the frames thread
+        try:
+            runner.run()
+        except BaseException as e:                   # e.g. a camera gone for good: reported below
+            failure.append(e)
+
+    frames_thread = threading.Thread(target=frames_loop, name="frames", daemon=True)
     t0 = time.monotonic()
     frames_thread.start()
     print(f"robot loop: {session.bundle.name} on {src_name} ({'x%g' % speed if clock else 'live'}), "
@@ -159,6 +167,8 @@ def run(args) -> int:
           f"{frames_rep.get('deadline_misses', 0)} missed; questions: {stats['asked']} asked, {stats['on_time']} "
           f"answered in time, {stats['late']} late, {stats['failed']} failed"
           + (f"; {stats['correct']}/{stats['scored']} correct" if stats["scored"] else ""), flush=True)
+    if failure:
+        raise failure[0] if isinstance(failure[0], StreamgraphError) else StreamgraphError(str(failure[0]))
     return 0
 
 
