@@ -288,6 +288,25 @@ def test_polling_latest_with_fps_grid(tmp_path):
     assert s["not_sampled"] > 0
 
 
+def test_polling_stops_after_max_frames(tmp_path):
+    """The runner polls ``latest()``: with ``max_frames`` (``run --max-frames``) the source
+    closes itself once that many frames were delivered, and ``ended`` says so."""
+    prod = _FifoProducer(tmp_path / "cam", [30], gap_s=0)
+    src = open_source(prod.path, max_frames=3, reconnect=QUICK, open_timeout_s=1, read_timeout_s=2)
+    prod.start()
+    got = []
+    while not src.ended:
+        f = src.latest(timeout=0.01)
+        if f is not None:
+            got.append(f)
+    assert len(got) == 3 and not src.running
+    assert src.latest(timeout=0) is None
+    prod.thread.join(30)                              # the reader is gone: the writer ends, or its pipe breaks
+    assert not prod.thread.is_alive() and (prod.error is None or isinstance(prod.error, BrokenPipeError))
+    s = src.stats
+    assert s["delivered"] == 3 and s["delivered"] + s["skipped_by_capture"] + s["not_sampled"] == s["decoded"]
+
+
 # --------------------------------------------------------------------------- errors
 
 

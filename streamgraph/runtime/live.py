@@ -344,8 +344,8 @@ class LiveSource:
             runner's clock before iterating. Default: seconds since capture started.
     """
 
-    #: Read by :class:`~streamgraph.runtime.runner.StreamRunner`: a live source is read by a
-    #: thread of its own and runs on the wall clock.
+    #: Read by :class:`~streamgraph.runtime.runner.StreamRunner`: a live source runs on the
+    #: wall clock, and the runner polls :meth:`latest` when its executor is free.
     live = True
 
     def __init__(self, target: str, kind: str, *, fps: float | None = None, size: tuple[int, int] | None = None,
@@ -453,11 +453,16 @@ class LiveSource:
 
         Returns:
             A :class:`~streamgraph.runtime.sources.Frame`, or None when ``timeout`` passed
-            without a new frame or the source has ended (see :attr:`ended`).
+            without a new frame or the source has ended (see :attr:`ended`; once
+            ``max_frames`` were delivered the source closes itself).
 
         Raises:
             SourceError: the source gave up (retry budget spent), naming it.
         """
+        if self.max_frames is not None and self._counts["delivered"] >= self.max_frames:
+            if not self._stop.is_set():
+                self.close()
+            return None
         if self._thread is None:
             self.start()
         item = self._take(timeout)
@@ -661,6 +666,9 @@ class LiveSource:
         with self._cond:
             c["decoded"] += 1
             c["frames_stream_clock" if pts is not None else "frames_wall_clock"] += 1
+            if self._stop.is_set():                # closing: nobody will take it
+                c["skipped_by_capture" if self._eligible(t) else "not_sampled"] += 1
+                return
             if self._slot is not None:             # overwritten before it was taken
                 c["skipped_by_capture" if self._eligible(self._slot[1]) else "not_sampled"] += 1
             self._slot = (frame, t, wall, pts, c["decoded"] - 1)
