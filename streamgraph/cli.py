@@ -611,6 +611,80 @@ def cmd_make_suite(args) -> int:
     return 0
 
 
+def cmd_capacity(args) -> int:
+    from streamgraph.runtime import capacity
+
+    try:                                            # bad numbers are refused before anything runs
+        capacity.check_numbers(fps=args.fps, threads=args.threads, memory_gb=args.memory_gb,
+                               probe_frames=args.probe_frames, miss_rate=args.miss_rate,
+                               probe_seconds=args.probe_seconds, max_fps=MAX_CLI_FPS)
+    except ValueError as e:
+        raise StreamgraphError(str(e)) from None
+    console = _console()
+    target = Path(args.target)
+    if target.is_file() and _is_graph_file(target):
+        bundle_dir = _compile(str(target), None, False, console).path
+    elif not target.exists():
+        raise StreamgraphError(f"{target}: no such graph file (.yaml) or bundle directory")
+    else:
+        bundle_dir = target
+    with console.status("measuring...") as status:
+        ans = capacity.estimate(bundle_dir, fps=args.fps, threads=args.threads, memory_gb=args.memory_gb,
+                                probe_frames=args.probe_frames, probe_seconds=args.probe_seconds,
+                                miss_rate=args.miss_rate, video=args.video,
+                                overload=args.overload, progress=lambda msg: status.update(msg + "..."))
+    if args.json:
+        print(json.dumps(ans.to_dict(), indent=2))
+        return 0
+    _print_capacity(ans, console)
+    return 0
+
+
+def _print_capacity(ans, console) -> None:
+    cpu, mem, m = ans.cpu, ans.memory, ans.machine
+    load = f", load {m['loadavg_before'][0]:.2f}" if m.get("loadavg_before") else ""
+    console.print(f"capacity of {ans.name}: identical streams at {ans.fps:g} fps, deadline {ans.deadline_ms:g} ms, "
+                  f"on this machine ({m['cpus']} CPUs, {m['backend']} {m['threads']} threads{load})", markup=False, soft_wrap=True)
+    pct = 100 * ans.miss_rate
+    if ans.binds == "memory":
+        nxt = mem["streams"] + 1
+        why = (f"memory binds: {nxt} stream{'s' if nxt > 1 else ''} would need {(mem['shared_bytes'] + (mem['streams'] + 1) * mem['per_stream_bytes']) / MiB:,.1f} MiB "
+               f"of {mem['available_bytes'] / MiB:,.1f} MiB")
+    elif ans.binds == "CPU time" and cpu.binds in ("deadline", "frame period"):
+        nxt = cpu.streams + 1
+        why = (f"CPU time binds ({cpu.binds}): with {nxt} streams {100 * cpu.fail_fraction_next:.1f}% of frames would be "
+               f"late, dropped or degraded"
+               if cpu.binds == "deadline" else
+               f"CPU time binds (frame period): a burst of {nxt} frames outlasts the {1000 / ans.fps:g} ms period "
+               f"{100 * cpu.period_exceed_next:.1f}% of the time")
+    else:
+        why = ans.binds
+    console.print(f"  answer: {ans.streams} streams — {why}", markup=False, soft_wrap=True)
+    f = ans.costs_ms["frame"]
+    stages = ", ".join(f"{k} {v['p99']:.2f}" for k, v in ans.costs_ms.items() if k != "frame")
+    console.print(f"  frame cost ({ans.probe['frames']} probe frames over {ans.probe['sessions']} streams at budget "
+                  f"{ans.probe['budget']}): mean {f['mean']:.2f} ms, "
+                  f"p50 {f['p50']:.2f}, p99 {f['p99']:.2f}, max {f['max']:.2f} ms (p99 by stage: {stages})", markup=False, soft_wrap=True)
+    if cpu.streams:
+        console.print(f"  CPU time: {cpu.streams} streams: p99 latency {cpu.p99_latency_ms:.1f} ms of {ans.deadline_ms:g}, "
+                      f"{100 * cpu.fail_fraction:.2f}% of frames late, dropped or degraded, runner overhead {cpu.overhead_ms:.2f} ms/frame, "
+                      f"utilisation {cpu.utilization:.2f}"
+                      + (f" ({cpu.binds})" if cpu.binds not in ("deadline", "frame period") else ""), markup=False, soft_wrap=True)
+    else:
+        console.print(f"  CPU time: not even one stream meets the deadline ({cpu.binds})", markup=False, soft_wrap=True)
+    ps = mem["plan_per_stream"]
+    console.print(f"  memory: {mem['streams']:,} streams in {mem['available_bytes'] / MiB:,.1f} MiB"
+                  f"{'' if mem['memory_gb'] is not None else ' available'}: {mem['shared_bytes'] / MiB:,.1f} MiB once "
+                  f"(runtime, engines) + {mem['per_stream_bytes'] / MiB:,.2f} MiB per stream (plan: KV "
+                  f"{ps['kv_cache'] / MiB:.2f} MiB, state {(ps['reducer_state'] + ps['encoder_refs']) / MiB:.2f} MiB, "
+                  f"host store {ps['host_store'] / MiB:.2f} MiB)", markup=False, soft_wrap=True)
+    console.print(f"  model: streams in phase share one executor, earliest deadline first; the k-th frame of a burst "
+                  f"ends after k frame costs (runs of probe frames) + k x runner overhead, the {ans.probe['overload']} "
+                  f"policy's decisions replayed; n streams fit when at most {pct:g}% of frames are late, dropped or "
+                  f"degraded and a burst ends within the frame period; questions are not included (docs/live.md, "
+                  f"Capacity)", markup=False, soft_wrap=True)
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="streamgraph", description=__doc__.splitlines()[0])
@@ -727,11 +801,16 @@ def build_parser() -> argparse.ArgumentParser:
                                               "(default: the graph's stream.fps)")
     cp.add_argument("--threads", type=int, help="intra-op threads of the engines (default: the machine's cores)")
     cp.add_argument("--memory-gb", type=float, help="GiB the streams may use (default: memory available now)")
-    cp.add_argument("--probe-frames", type=int, default=40,
-                    help="frames run to measure the cost distribution (default 40)")
+    cp.add_argument("--probe-frames", type=int, default=48,
+                    help="frames run to measure the cost distribution (default 48)")
+    cp.add_argument("--probe-seconds", type=float, default=3.0,
+                    help="run the probe frames again and again for at least this long, so the costs cover the "
+                         "machine's slow phases too (default 3 s)")
     cp.add_argument("--miss-rate", type=float, default=0.01,
                     help="share of frames allowed to end late, be dropped or degraded (default 0.01: p99)")
     cp.add_argument("--video", help="measure costs on the first frames of this video (default: a synthetic clip)")
+    cp.add_argument("--overload", choices=["drop_late", "latest_only", "degrade", "fifo", "none"],
+                    help="the overload policy the streams will run (default: the graph's slo.overload)")
     cp.add_argument("--json", action="store_true", help="print every figure as JSON")
     cp.set_defaults(func=cmd_capacity)
 
