@@ -153,6 +153,9 @@ def run_server(*, target: str | None, videos: list[str], host: str = DEFAULT_HOS
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host.strip("[]"), port))
+        # listen now, so a client that connects as soon as on_ready reports the URL is queued
+        # in the backlog until uvicorn accepts, instead of refused (uvicorn listens again: harmless)
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise StreamgraphError(f"cannot bind {host}:{port}: {e.strerror or e}") from None
