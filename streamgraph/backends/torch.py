@@ -46,7 +46,8 @@ class TorchBackend(Backend):
     def run(self, engine: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
         module = self.modules[engine]
-        args = [torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names[engine]]
+        # C-contiguous and writable (a read-only input, e.g. a shared buffer, is copied: torch needs writable memory)
+        args = [torch.from_numpy(np.require(inputs[n], requirements=("C", "W"))) for n in self.input_names[engine]]
         with torch.inference_mode():
             out = module(*args)
         if isinstance(out, torch.Tensor):
