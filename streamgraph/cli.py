@@ -1,4 +1,4 @@
-"""``streamgraph validate | compile | inspect | run | serve | eval | make-suite | schema``.
+"""``streamgraph validate | compile | inspect | run | serve | capacity | eval | make-suite | schema``.
 
 Every user error ends in one line ``error: ...`` on stderr naming the problem and where,
 and a non-zero exit (1 for bad input, 2 for bad usage, 3 for an internal error).
@@ -238,7 +238,7 @@ def cmd_run(args) -> int:
         console.print("live: real time on the wall clock, newest frame first (capture never waits for the model)")
     else:
         console.print("real time: frames delivered at their capture times" if args.realtime else
-                      "as fast as possible, deadlines in stream time" + (", EDF across streams" if len(sessions) > 1 else ""))
+                      "as fast as possible, deadlines in stream time" + (", EDF across streams (fair under overload)" if len(sessions) > 1 else ""))
     truth: dict[int, str] = {}
     if asked:
         questions = [Question(at=t, text=text) for t, text in asked]
