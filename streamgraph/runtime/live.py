@@ -564,6 +564,20 @@ class LiveSource:
         lost_at: float | None = None               # clock time of the last frame before a loss
         last_wall = 0.0
         connected_before = False
+
+        def failed_attempt() -> bool:
+            """Count a failed connection attempt; give up past the retry budget, else back off.
+            True when capture must end (budget spent, or the source closed while waiting)."""
+            nonlocal failures, first_failure
+            failures += 1
+            self._counts["failed_attempts"] += 1
+            if failures == 1:
+                first_failure = time.monotonic()
+            if failures > self.reconnect.attempts:
+                self._give_up(failures, first_failure, connected_before)
+                return True
+            return self._wait(self.reconnect.delay(failures))
+
         try:
             while not self._stop.is_set():
                 try:
@@ -572,14 +586,7 @@ class LiveSource:
                     break
                 except (av.FFmpegError, OSError, EOFError, ValueError, UnicodeDecodeError) as exc:
                     self._last_error = self._redact(_error_text(exc))
-                    failures += 1
-                    self._counts["failed_attempts"] += 1
-                    if failures == 1:
-                        first_failure = time.monotonic()
-                    if failures > self.reconnect.attempts:
-                        self._give_up(failures, first_failure, connected_before)
-                        break
-                    if self._wait(self.reconnect.delay(failures)):
+                    if failed_attempt():
                         break
                     continue
                 got = 0
@@ -634,14 +641,7 @@ class LiveSource:
                         self._last_error = "end of stream"
                     continue                           # reconnect at once
                 self._last_error = self._last_error or "connection ended before its first frame"
-                failures += 1
-                self._counts["failed_attempts"] += 1
-                if failures == 1:
-                    first_failure = time.monotonic()
-                if failures > self.reconnect.attempts:
-                    self._give_up(failures, first_failure, connected_before)
-                    break
-                if self._wait(self.reconnect.delay(failures)):
+                if failed_attempt():
                     break
         except BaseException as exc:                   # a bug: surface it, one line, to the consumer
             self._error = SourceError(f"{self.name}: capture failed ({_error_text(exc)})")
