@@ -387,18 +387,9 @@ def _run_sources(args, target: Path) -> list[str]:
 def _live_options(section: dict | None, args) -> dict:
     """Keyword arguments of :func:`streamgraph.runtime.live.live` from a bundle's
     ``stream.live`` section and ``--reconnect-attempts``."""
-    from streamgraph.runtime.live import Reconnect
+    from streamgraph.runtime.live import live_options
 
-    sec = dict(section or {})
-    attempts = args.reconnect_attempts if args.reconnect_attempts is not None else sec.get("attempts", 5)
-    out = {"reconnect": Reconnect(attempts=attempts, initial_s=sec.get("initial_s", 0.5),
-                                  max_s=sec.get("max_s", 5.0)),
-           "open_timeout_s": sec.get("open_timeout_s", 10.0), "read_timeout_s": sec.get("read_timeout_s", 10.0)}
-    if sec.get("format"):
-        out["format"] = sec["format"]
-    if sec.get("options"):
-        out["options"] = sec["options"]
-    return out
+    return live_options(section, args.reconnect_attempts)
 
 
 def _source_name(source) -> str:

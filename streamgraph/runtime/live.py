@@ -708,6 +708,21 @@ def _check_timeout(name: str, v) -> float:
     return float(v)
 
 
+def live_options(section: Mapping | None, attempts: int | None = None) -> dict:
+    """Keyword arguments of :func:`live` from a graph's ``stream.live`` section (reconnect
+    backoff ``attempts``/``initial_s``/``max_s``, ``open_timeout_s``/``read_timeout_s`` in
+    seconds, FFmpeg ``format`` and ``options``); ``attempts``, when given (the CLI's
+    ``--reconnect-attempts``), overrides the section's. Absent keys keep :func:`live`'s
+    defaults (5 attempts, 0.5 s doubling to 5 s)."""
+    sec = dict(section or {})
+    out = {"reconnect": Reconnect(attempts=attempts if attempts is not None else sec.get("attempts", 5),
+                                  initial_s=sec.get("initial_s", 0.5), max_s=sec.get("max_s", 5.0))}
+    for key in ("open_timeout_s", "read_timeout_s", "format", "options"):
+        if sec.get(key) is not None:
+            out[key] = sec[key]
+    return out
+
+
 def live(target: str, fps: float | None = None, size: tuple[int, int] | None = None,
          max_frames: int | None = None, *, reconnect: Reconnect | None = None, format: str | None = None,
          options: Mapping[str, str] | None = None, open_timeout_s: float = 10.0, read_timeout_s: float = 10.0,

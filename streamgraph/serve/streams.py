@@ -123,12 +123,7 @@ def _live_options(source: str, manifest: dict) -> dict:
 
     if not live.is_live(source):
         return {}
-    out = {"reconnect": live.Reconnect(attempts=section.get("attempts", 5), initial_s=section.get("initial_s", 0.5),
-                                       max_s=section.get("max_s", 5.0))}
-    for key in ("open_timeout_s", "read_timeout_s", "format", "options"):
-        if section.get(key) is not None:
-            out[key] = section[key]
-    return out
+    return live.live_options(section)
 
 
 def _is_live(source) -> bool:
