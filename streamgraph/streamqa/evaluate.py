@@ -57,6 +57,11 @@ class SweepError(StreamgraphError):
     """A sweep file or sweep option is malformed; one line naming the file and field."""
 
 
+#: Records kept per evaluated video: every frame and question of a StreamQA video (the
+#: frame-latency and TTFT figures are computed over all of them, not the runtime's default
+#: rolling window of the most recent records).
+EVAL_HISTORY = 1 << 20
+
 def _bucket_label(lo: float, hi: float) -> str:
     return f"{lo:g}-{hi:g}s" if math.isfinite(hi) else f">={lo:g}s"
 
@@ -314,7 +319,7 @@ def evaluate_bundle(bundle_dir: str | Path, suite: Suite, *, load: float | None 
     groups = suite.by_video()
     t0 = time.perf_counter()
     for vi, (video, its) in enumerate(groups.items()):
-        session = Session(bundle, be, clock=SimulatedClock())
+        session = Session(bundle, be, clock=SimulatedClock(), history=EVAL_HISTORY)
         if speed != 1.0:
             session.scheduler.frame_deadline /= speed
             session.scheduler.ttft /= speed
@@ -335,6 +340,9 @@ def evaluate_bundle(bundle_dir: str | Path, suite: Suite, *, load: float | None 
                           "answer": q.answer, "truth": it.answer,
                           "correct": normalize_answer(q.answer) == normalize_answer(it.answer),
                           "evidence_age_s": age, "ttft_ms": ttft})
+        if session.stats.sampled > len(session.frames):
+            raise ValueError(f"{video}: more than {EVAL_HISTORY} frames in one video: "
+                             "latency figures would cover only the last ones")
         frames_all += session.frames
         if progress:
             progress(vi + 1, len(groups))
