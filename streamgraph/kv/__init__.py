@@ -1,0 +1,1 @@
+"""KV cache: the static buffer and the cache policies (one file per policy)."""
