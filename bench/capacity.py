@@ -53,7 +53,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from streamgraph.backends.base import open_backend  # noqa: E402
+from streamgraph.backends import open_backend  # noqa: E402
 from streamgraph.compiler.bundle import open_bundle  # noqa: E402
 from streamgraph.compiler.compile import compile_graph  # noqa: E402
 from streamgraph.runtime import capacity, sources  # noqa: E402

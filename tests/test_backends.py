@@ -27,7 +27,7 @@ def test_tensorrt_missing_is_a_clear_error(onnx_bundle, monkeypatch, capsys, bro
         monkeypatch.setattr(sys, "meta_path", [_BrokenTensorRT()] + sys.meta_path)
     else:
         monkeypatch.setitem(sys.modules, "tensorrt", None)
-    from streamgraph.backends.base import open_backend
+    from streamgraph.backends import open_backend
 
     with pytest.raises(BackendUnavailableError, match="TensorRT is not available here"):
         open_backend("tensorrt", Bundle.load(onnx_bundle))
@@ -48,7 +48,7 @@ def test_onnxruntime_refuses_missing_provider_and_torch_target(onnx_bundle, tmp_
 
 
 def test_unknown_backend(onnx_bundle):
-    from streamgraph.backends.base import open_backend
+    from streamgraph.backends import open_backend
 
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         open_backend("tpu", Bundle.load(onnx_bundle))

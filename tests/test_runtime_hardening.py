@@ -279,7 +279,7 @@ class _Poison:
 
 
 def _sessions(bundle):
-    from streamgraph.backends.base import open_backend
+    from streamgraph.backends import open_backend
     from streamgraph.compiler.bundle import Bundle
     from streamgraph.runtime.session import Session
 

@@ -149,7 +149,8 @@ def test_session_open_on_engines_refuses_backend_options(onnx_bundle):
 def test_backend_that_is_not_thread_safe_runs_one_call_at_a_time(onnx_bundle):
     """A backend without thread_safe is wrapped in SerializedBackend: streams on several
     threads never enter it at the same time, and their outputs are those of the real engines."""
-    from streamgraph.backends.base import Backend, SerializedBackend, open_backend
+    from streamgraph.backends import open_backend
+    from streamgraph.backends.base import Backend, SerializedBackend
     from streamgraph.compiler.bundle import Bundle
     from streamgraph.runtime.session import Engines, Session
 

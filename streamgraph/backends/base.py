@@ -54,22 +54,3 @@ class SerializedBackend(Backend):
     def close(self) -> None:
         self.backend.close()
 
-
-def open_backend(name: str, bundle, **options) -> Backend:
-    """Backend by name: ``onnxruntime`` (default), ``torch`` (eager reference), ``tensorrt``.
-
-    Raises :class:`~streamgraph.errors.BackendUnavailableError` when its runtime is missing,
-    and ValueError for an unknown name."""
-    if name == "onnxruntime":
-        from streamgraph.backends.onnxruntime import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(bundle, **options)
-    if name == "torch":
-        from streamgraph.backends.torch import TorchBackend
-
-        return TorchBackend(bundle, **options)
-    if name == "tensorrt":
-        from streamgraph.backends.tensorrt import TensorRTBackend
-
-        return TensorRTBackend(bundle, **options)
-    raise ValueError(f"unknown backend {name!r} (allowed: onnxruntime, torch, tensorrt)")

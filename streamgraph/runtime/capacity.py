@@ -374,7 +374,7 @@ def _touch(session) -> None:
 def _memory_probe(bundle_dir: str, backend: str, threads: int | None, extra: int) -> dict:
     """Run in a fresh interpreter by :func:`measure_memory`: resident bytes after the engines
     and one session that ran two frames, then after ``extra`` more sessions."""
-    from streamgraph.backends.base import open_backend
+    from streamgraph.backends import open_backend
     from streamgraph.compiler.bundle import open_bundle
     from streamgraph.runtime.clock import SimulatedClock
     from streamgraph.runtime.session import Session
@@ -636,7 +636,7 @@ def estimate(bundle_dir: str | Path, *, fps: float | None = None, threads: int |
     in this process, memory in a fresh one: run it on the target machine, otherwise idle. Raises ValueError for bad numbers,
     :class:`~streamgraph.errors.BundleError` for a bad bundle,
     :class:`~streamgraph.errors.SourceError` for a bad video."""
-    from streamgraph.backends.base import open_backend
+    from streamgraph.backends import open_backend
     from streamgraph.compiler.bundle import open_bundle
     from streamgraph.runtime import sources
     from streamgraph.runtime.clock import SimulatedClock

@@ -29,7 +29,8 @@ from typing import Iterator
 
 import numpy as np
 
-from streamgraph.backends.base import Backend, SerializedBackend, open_backend
+from streamgraph.backends import open_backend
+from streamgraph.backends.base import Backend, SerializedBackend
 from streamgraph.compiler.bundle import Bundle, open_bundle
 from streamgraph.errors import BundleError, NonFiniteError, ReportError
 from streamgraph.runtime.clock import Clock, SimulatedClock

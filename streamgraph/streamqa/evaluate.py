@@ -299,7 +299,7 @@ def evaluate_bundle(bundle_dir: str | Path, suite: Suite, *, load: float | None 
     only in their overload policy are offered exactly the same load.
     Raises BundleError/BackendUnavailableError for a bundle that cannot run, SourceError
     for a video that cannot be decoded."""
-    from streamgraph.backends.base import open_backend
+    from streamgraph.backends import open_backend
     from streamgraph.compiler.bundle import Bundle
     from streamgraph.runtime import sources
     from streamgraph.runtime.clock import SimulatedClock
