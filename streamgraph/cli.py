@@ -678,6 +678,8 @@ def _print_capacity(ans, console) -> None:
 
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from streamgraph.runtime.scheduler import OVERLOAD_POLICIES
+
     p = argparse.ArgumentParser(prog="streamgraph", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks for internal errors")
     sub = p.add_subparsers(dest="command", required=True)
@@ -721,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="records of each kind kept in memory and in report.json (the summary and "
                         "records.jsonl cover the whole run; default 1024)")
     r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
-    r.add_argument("--overload", choices=["drop_late", "latest_only", "degrade", "fifo", "none"],
+    r.add_argument("--overload", choices=OVERLOAD_POLICIES,
                    help="override the graph's slo.overload")
     r.add_argument("--speed", type=float, default=1.0,
                    help="replay the source this many times faster than captured (offered load x speed)")
@@ -773,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--fps", type=float, help="sampling fps of the --video streams (default: the graph's)")
     sv.add_argument("--speed", type=float, default=1.0, help="replay --video files this many times faster")
     sv.add_argument("--loop", action="store_true", help="replay --video files forever")
-    sv.add_argument("--overload", choices=["drop_late", "latest_only", "degrade", "fifo", "none"],
+    sv.add_argument("--overload", choices=OVERLOAD_POLICIES,
                     help="override the graph's slo.overload for the --video streams")
     sv.add_argument("--records", help="directory where each stream appends its records to <id>/records.jsonl")
     sv.add_argument("--history", type=int, default=1024, help="records of each kind kept in memory per stream")
@@ -800,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--miss-rate", type=float, default=0.01,
                     help="share of frames allowed to end late, be dropped or degraded (default 0.01: p99)")
     cp.add_argument("--video", help="measure costs on the first frames of this video (default: a synthetic clip)")
-    cp.add_argument("--overload", choices=["drop_late", "latest_only", "degrade", "fifo", "none"],
+    cp.add_argument("--overload", choices=OVERLOAD_POLICIES,
                     help="the overload policy the streams will run (default: the graph's slo.overload)")
     cp.add_argument("--json", action="store_true", help="print every figure as JSON")
     cp.set_defaults(func=cmd_capacity)

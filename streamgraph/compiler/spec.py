@@ -39,6 +39,7 @@ from streamgraph.compiler.ops import (OPS, SOURCES, DecoderNode, FullNode, NoneN
                                       SinkWindowNode, TopkSaliencyNode, VisionEncoderNode,
                                       op_names)
 from streamgraph.errors import SpecError
+from streamgraph.runtime.scheduler import OVERLOAD_POLICIES
 
 __all__ = [
     "GraphSpec", "ModelSpec", "StreamSpec", "LiveSpec", "SLOSpec", "BudgetSpec", "NodeSpec",
@@ -50,9 +51,9 @@ __all__ = [
     "DecoderNode",
 ]
 
-#: Overload policies of the scheduler (``slo.overload``); extend here.
-OverloadPolicy = Literal["drop_late", "latest_only", "degrade", "fifo", "none"]
-OVERLOAD_POLICIES: tuple[str, ...] = typing.get_args(OverloadPolicy)
+#: Overload policies of the scheduler (``slo.overload``): the names registered in
+#: :data:`streamgraph.runtime.scheduler.OVERLOAD` (add a policy there).
+OverloadPolicy = Literal[OVERLOAD_POLICIES]
 
 #: Random-weight model presets (``model.preset``); extend here.
 ModelPreset = Literal["tiny", "small"]

@@ -1,14 +1,27 @@
 """streamgraph runtime: sessions, KV buffer and cache policies, scheduler, sources, metrics.
 
 Torch-free by contract: edge targets ship a bundle and this package (plus onnxruntime).
+The names below are loaded lazily (PEP 562), so importing one runtime module (the compiler
+reads :mod:`streamgraph.runtime.scheduler`'s overload registry) does not load the others.
 """
-from streamgraph.runtime import sources
-from streamgraph.runtime.clock import Clock, SimulatedClock, WallClock
-from streamgraph.runtime.kv import CachePolicy, FullCache, KVBuffer, SinkWindowCache, make_policy
-from streamgraph.runtime.metrics import FrameRecord, QuestionRecord, Report
-from streamgraph.runtime.scheduler import CostModel, Scheduler
-from streamgraph.runtime.session import Engines, Session
+from __future__ import annotations
 
-__all__ = ["Session", "Engines", "sources", "Clock", "SimulatedClock", "WallClock", "CachePolicy", "FullCache",
-           "KVBuffer", "SinkWindowCache", "make_policy", "FrameRecord", "QuestionRecord", "Report",
-           "CostModel", "Scheduler"]
+import importlib
+
+_NAMES = {
+    "Session": "session", "Engines": "session", "sources": None,
+    "Clock": "clock", "SimulatedClock": "clock", "WallClock": "clock",
+    "CachePolicy": "kv", "FullCache": "kv", "KVBuffer": "kv", "SinkWindowCache": "kv", "make_policy": "kv",
+    "FrameRecord": "metrics", "QuestionRecord": "metrics", "Report": "metrics",
+    "CostModel": "scheduler", "Scheduler": "scheduler",
+}
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'streamgraph.runtime' has no attribute {name!r}")
+    mod = _NAMES[name]
+    if mod is None:
+        return importlib.import_module(f"{__name__}.{name}")
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)

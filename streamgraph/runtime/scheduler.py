@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 FRAME_STAGES = ("preprocess", "encode", "reduce", "prefill")
 BUDGET_STAGES = ("reduce", "prefill")          # stages whose cost depends on the token budget
-OVERLOAD_POLICIES = ("drop_late", "latest_only", "degrade", "fifo", "none")
 TIME_EPS = 1e-6        # seconds: deadline comparisons tolerate float rounding of stream time
 
 
@@ -85,6 +84,149 @@ class Decision:
     predicted_s: float | None = None
 
 
+# ---------------------------------------------------------------------- overload policies
+class OverloadPolicy:
+    """One overload policy (a strategy object): what :class:`Scheduler` does with a stream's
+    pending frames. Subclasses override the decision methods; the base class is ``fifo``'s
+    behaviour (run everything, never drop). Stateless: one instance serves every scheduler.
+
+    Registered in :data:`OVERLOAD` under :attr:`name` (and its :attr:`aliases`); the spec's
+    ``slo.overload``, the CLI's ``--overload`` and the server read the names from there."""
+
+    name = "fifo"
+    aliases: tuple[str, ...] = ()
+
+    def cheapest_budget(self, sched: "Scheduler"):
+        """The budget of the cheapest run this policy may choose (the full budget)."""
+        return sched.full_budget
+
+    def latest_start(self, sched: "Scheduler", capture: float, next_capture: float | None) -> float:
+        """Latest stream time (s) at which the frame captured at ``capture`` may still start."""
+        return float("inf")
+
+    def prune(self, sched: "Scheduler", captures: list[float], now: float) -> list[tuple[int, str]]:
+        """Indices of pending frames (capture times in arrival order) to drop at ``now``."""
+        return []
+
+    def decide(self, sched: "Scheduler", capture: float, now: float, behind: list[float]) -> "Decision":
+        """Run or drop the frame captured at ``capture``; ``behind``: sorted deadlines (s) of
+        the frames pending behind it (this stream's and other streams')."""
+        full = sched.full_budget
+        return Decision("run", sched.frame_deadline_for(capture), full, predicted_s=sched.costs.predict_frame(full))
+
+
+class Fifo(OverloadPolicy):
+    """``fifo`` (alias ``none``): run every frame in arrival order, however late (the
+    unbounded baseline; latency grows without bound under overload)."""
+
+    name = "fifo"
+    aliases = ("none",)
+
+
+class LatestOnly(OverloadPolicy):
+    """``latest_only``: keep only the newest pending frame, drop the older ones, run it at full
+    budget (a flow limiter, like MediaPipe's FlowLimiterCalculator or dora's drop_oldest)."""
+
+    name = "latest_only"
+
+    def latest_start(self, sched, capture, next_capture):
+        return float("inf") if next_capture is None else next_capture - TIME_EPS
+
+    def prune(self, sched, captures, now):
+        if len(captures) > 1:
+            return [(i, "superseded by a newer frame") for i in range(len(captures) - 1)]
+        return []
+
+
+class DropLate(OverloadPolicy):
+    """``drop_late``: drop a frame that would start after its deadline or whose predicted
+    finish (start + predicted cost at full budget) is after it."""
+
+    name = "drop_late"
+
+    def _candidates(self, sched):
+        return [sched.full_budget]
+
+    def latest_start(self, sched, capture, next_capture):
+        return sched.frame_deadline_for(capture) - sched.cheapest_run_s() + TIME_EPS
+
+    def prune(self, sched, captures, now):
+        out = []
+        cost = sched.cheapest_run_s()
+        for i, c in enumerate(captures):
+            late = now + cost - sched.frame_deadline_for(c)
+            if late > TIME_EPS:
+                out.append((i, f"cannot meet its deadline (predicted {1000 * late:.1f} ms late)"))
+        return out
+
+    def _choose(self, fits_head, now, behind):
+        return fits_head[0]
+
+    def decide(self, sched, capture, now, behind):
+        deadline = sched.frame_deadline_for(capture)
+        slack = deadline - now
+        if slack < 0:
+            return Decision("drop", deadline, None, f"would start {-1000 * slack:.1f} ms after its deadline")
+        candidates = self._candidates(sched)
+        fits_head = []
+        for b in candidates:
+            pred = sched.costs.predict_frame(b)
+            if pred is None or pred <= slack + TIME_EPS:
+                fits_head.append((b, pred))
+        if not fits_head:
+            pred = sched.costs.predict_frame(candidates[-1]) or 0.0
+            return Decision("drop", deadline, None,
+                            f"predicted {1000 * pred:.1f} ms at budget {candidates[-1]} exceeds slack {1000 * slack:.1f} ms")
+        b, pred = self._choose(fits_head, now, behind)
+        reason = "" if b == sched.full_budget else (
+            f"degraded to {b} tokens (predicted {1000 * (pred or 0):.1f} ms, slack "
+            f"{1000 * slack:.1f} ms, {len(behind)} frames behind)")
+        return Decision("run", deadline, b, reason, pred)
+
+
+class Degrade(DropLate):
+    """``degrade``: run at the largest precompiled token budget at which this frame and the
+    frames queued behind it would all meet their deadlines (back to back at that budget); if
+    no budget saves them all, the cheapest one that still fits this frame's slack; only when
+    even the smallest budget does not fit the slack, drop."""
+
+    name = "degrade"
+
+    def cheapest_budget(self, sched):
+        return sched.budgets[0]
+
+    def _candidates(self, sched):
+        return list(reversed(sched.budgets))
+
+    def _choose(self, fits_head, now, behind):
+        if not behind:
+            return fits_head[0]
+        for b, pred in fits_head:
+            cost = pred or 0.0
+            if all(now + (i + 2) * cost <= d + TIME_EPS for i, d in enumerate(behind)):
+                return b, pred
+        return fits_head[-1]          # cannot save everyone: cheapest bucket, shed load
+
+
+#: The overload policy registry: name (aliases included) -> policy object. The one place the
+#: names are written.
+OVERLOAD: dict[str, OverloadPolicy] = {}
+for _cls in (DropLate, LatestOnly, Degrade, Fifo):
+    for _name in (_cls.name, *_cls.aliases):
+        OVERLOAD[_name] = _cls()
+#: Every accepted ``slo.overload`` / ``--overload`` name, aliases included.
+OVERLOAD_POLICIES: tuple[str, ...] = tuple(OVERLOAD)
+
+
+def overload_policy(name: str) -> OverloadPolicy:
+    """The registered policy ``name`` (an alias resolves to its policy). Raises ValueError
+    (one line listing the allowed names) for an unknown one."""
+    try:
+        return OVERLOAD[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown overload policy {name!r} (allowed: {', '.join(OVERLOAD_POLICIES)})") from None
+
+
 class Scheduler:
     """Overload policy of one stream.
 
@@ -93,9 +235,8 @@ class Scheduler:
 
     def __init__(self, overload: str, frame_deadline_ms: float, ttft_ms: float,
                  budgets: list[int] | None = None, costs: CostModel | None = None):
-        if overload not in OVERLOAD_POLICIES:
-            raise ValueError(f"unknown overload policy {overload!r} (allowed: {', '.join(OVERLOAD_POLICIES)})")
-        self.overload = "fifo" if overload == "none" else overload
+        self.policy = overload_policy(overload)
+        self.overload = self.policy.name         # canonical name ("none" -> "fifo")
         self.frame_deadline = frame_deadline_ms / 1000.0
         self.ttft = ttft_ms / 1000.0
         self.budgets = sorted(budgets) if budgets else [None]
@@ -111,34 +252,19 @@ class Scheduler:
     def cheapest_run_s(self) -> float:
         """Predicted seconds of the cheapest run this policy may choose for a frame: at the
         smallest budget for ``degrade``, at full budget otherwise (0 before calibration)."""
-        budget = self.budgets[0] if self.overload == "degrade" else self.full_budget
-        return self.costs.predict_frame(budget) or 0.0
+        return self.costs.predict_frame(self.policy.cheapest_budget(self)) or 0.0
 
     def latest_start(self, capture: float, next_capture: float | None = None) -> float:
         """Latest stream time (s) at which the frame captured at ``capture`` can start and
         still be run by this policy: ``deadline - cheapest run`` for ``drop_late``/``degrade``
         (later, it is dropped), just before ``next_capture`` (the stream's next frame, None if
         none) for ``latest_only`` (then it is superseded), never for ``fifo`` (inf)."""
-        if self.overload in ("drop_late", "degrade"):
-            return self.frame_deadline_for(capture) - self.cheapest_run_s() + TIME_EPS
-        if self.overload == "latest_only" and next_capture is not None:
-            return next_capture - TIME_EPS
-        return float("inf")
+        return self.policy.latest_start(self, capture, next_capture)
 
     def prune(self, captures: list[float], now: float) -> list[tuple[int, str]]:
         """Indices (into ``captures``, pending frames in arrival order) the policy drops
         before choosing what to run at ``now``, each with a reason."""
-        if self.overload == "latest_only" and len(captures) > 1:
-            return [(i, "superseded by a newer frame") for i in range(len(captures) - 1)]
-        if self.overload in ("drop_late", "degrade"):
-            out = []
-            cost = self.cheapest_run_s()
-            for i, c in enumerate(captures):
-                late = now + cost - self.frame_deadline_for(c)
-                if late > TIME_EPS:
-                    out.append((i, f"cannot meet its deadline (predicted {1000 * late:.1f} ms late)"))
-            return out
-        return []
+        return self.policy.prune(self, captures, now)
 
     def decide(self, capture: float, now: float, backlog: list[float] | None = None,
                backlog_deadlines: list[float] | None = None) -> Decision:
@@ -151,37 +277,11 @@ class Scheduler:
         deadline order) would still meet their deadlines if all ran at that budget back to
         back; when no budget achieves that, the largest at which this frame alone meets its
         deadline; when none does, it drops the frame."""
-        deadline = self.frame_deadline_for(capture)
-        behind = sorted([self.frame_deadline_for(c) for c in backlog or []] + list(backlog_deadlines or []))
-        full = self.full_budget
-        if self.overload in ("fifo", "latest_only"):
-            return Decision("run", deadline, full, predicted_s=self.costs.predict_frame(full))
-        slack = deadline - now
-        if slack < 0:
-            return Decision("drop", deadline, None, f"would start {-1000 * slack:.1f} ms after its deadline")
-        candidates = [full] if self.overload == "drop_late" else list(reversed(self.budgets))
-        fits_head = []
-        for b in candidates:
-            pred = self.costs.predict_frame(b)
-            if pred is None or pred <= slack + TIME_EPS:
-                fits_head.append((b, pred))
-        if not fits_head:
-            pred = self.costs.predict_frame(candidates[-1]) or 0.0
-            return Decision("drop", deadline, None,
-                            f"predicted {1000 * pred:.1f} ms at budget {candidates[-1]} exceeds slack {1000 * slack:.1f} ms")
-        choice = fits_head[0]
-        if self.overload == "degrade" and behind:
-            for b, pred in fits_head:
-                cost = pred or 0.0
-                if all(now + (i + 2) * cost <= d + TIME_EPS for i, d in enumerate(behind)):
-                    choice = (b, pred)
-                    break
-            else:
-                choice = fits_head[-1]          # cannot save everyone: cheapest bucket, shed load
-        b, pred = choice
-        reason = "" if b == full else (f"degraded to {b} tokens (predicted {1000 * (pred or 0):.1f} ms, slack "
-                                       f"{1000 * slack:.1f} ms, {len(behind)} frames behind)")
-        return Decision("run", deadline, b, reason, pred)
+        if backlog or backlog_deadlines:
+            behind = sorted([self.frame_deadline_for(c) for c in backlog or []] + list(backlog_deadlines or []))
+        else:
+            behind = []
+        return self.policy.decide(self, capture, now, behind)
 
     @staticmethod
     def overrunning_stage(stage_s: dict[str, float], predicted: dict[str, float], start: float,

@@ -44,6 +44,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamgraph.errors import StreamgraphError
+from streamgraph.runtime.scheduler import OVERLOAD_POLICIES
 from streamgraph.serve.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from streamgraph.serve.streams import Busy, StreamConfig, StreamConflict, StreamManager, StreamNotFound
 
@@ -147,7 +148,7 @@ class StreamCreate(BaseModel):
     fps: float | None = Field(None, gt=0, le=1000, description="sampling fps (default: the graph's)")
     speed: float = Field(1.0, gt=0, le=1000, description="replay a file this many times faster")
     loop: bool = Field(False, description="replay a file forever")
-    overload: Literal["drop_late", "latest_only", "degrade", "fifo", "none"] | None = None
+    overload: Literal[OVERLOAD_POLICIES] | None = None
     max_frames: int | None = Field(None, ge=1, le=10**9)
 
     @field_validator("source")
