@@ -1,17 +1,27 @@
-"""TensorRT backend: engines built from the bundle's ONNX files with the TensorRT 10 Python API.
+"""TensorRT backend: engines built from the bundle's ONNX files with the TensorRT 10 Python API,
+the decoder's KV buffer resident on the device.
 
 Status: written against NVIDIA's documented TensorRT 10 API (name-based tensors,
-``build_serialized_network``, ``execute_async_v3``) and **never run**: TensorRT cannot be
-installed on the machines this project is developed and tested on. Its absence is detected at
-construction and reported as :class:`~streamgraph.errors.BackendUnavailableError`, never a
-crash (``import tensorrt`` / ``torch_tensorrt`` may raise a bare ``Exception``, not only
+``build_serialized_network``, ``set_tensor_address``, ``execute_async_v3``) and PyTorch's
+CUDA tensors, and **never run**: TensorRT and a CUDA device are not available on the
+machines this project is developed and tested on. Its absence is detected at construction
+and reported as :class:`~streamgraph.errors.BackendUnavailableError`, never a crash
+(``import tensorrt`` / ``torch_tensorrt`` may raise a bare ``Exception``, not only
 ImportError, when their libraries are missing).
 
 Design: one optimization profile per engine, the chunk axis ``T`` spanning the plan's
-``dims.T = [min, max]`` (opt = max); device buffers are torch CUDA tensors. The KV buffer
-stays host-side (the runtime's contract) and is copied to the device each step — correct,
-not fast; a device-resident KV buffer is future work. Serialized engines are cached beside
-the bundle in ``trt/<engine>.<gpu>.<trt version>.plan`` (not part of the hashed bundle).
+``dims.T = [min, max]`` (opt = max); device buffers are torch CUDA tensors. Stateless
+engines (``run``) copy their inputs to the device and their outputs back. The decoder does
+not: :meth:`TensorRTBackend.alloc_kv` allocates the session's ``kv_cache`` once in device
+memory (a :class:`DeviceKV`) with its own execution context, in which the KV buffer's
+address is set once and every other input and output has a device buffer preallocated for
+``T_max``; per step only the chunk's small inputs go host -> device (embeddings, positions,
+validity masks: ``T*C + O(S)`` elements, never the cache), ``logits`` / ``last_hidden`` /
+``query_mean`` come back, ``new_kv`` stays on the device (checked for NaN/Inf there:
+``new_kv_finite``) and :meth:`TensorRTBackend.commit_kv` scatters it into its slots with
+``index_copy_`` on the device — only the slot indices cross the bus. Serialized engines are
+cached beside the bundle in ``trt/<engine>.<gpu>.<trt version>.plan`` (not part of the
+hashed bundle).
 """
 from __future__ import annotations
 
@@ -20,7 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from streamgraph.backends.base import Backend
+from streamgraph.contract import (DECODER_STEP, DTYPES, INPUTS_EMBEDS, KV_CACHE, LAST_HIDDEN, LOGITS, NEW_KV,
+                                  QUERY_MEAN)
 from streamgraph.errors import BackendUnavailableError
+from streamgraph.kv.base import KVBuffer
 
 
 def _import_tensorrt():
@@ -36,7 +49,11 @@ def _import_tensorrt():
 class TensorRTBackend(Backend):
     """Build (or load cached) TensorRT engines for every ONNX engine of a bundle and run them
     on ``device``. ``fp16`` enables reduced-precision kernels. Raises BackendUnavailableError
-    when TensorRT, torch or a CUDA device is missing, or an engine fails to build."""
+    when TensorRT, torch or a CUDA device is missing, or an engine fails to build.
+
+    Not thread-safe (``thread_safe = False``: the stateless engines share one execution
+    context each); ``Engines`` wraps it in a SerializedBackend. Never run (module docstring).
+    """
 
     name = "tensorrt"
 
@@ -69,6 +86,9 @@ class TensorRTBackend(Backend):
                 raise BackendUnavailableError(f"{f}: TensorRT could not deserialize the engine")
             self.engines[name] = engine
             self.contexts[name] = engine.create_execution_context()
+        dec = bundle.plan.engines.get(DECODER_STEP)
+        self._dec_plan = dec
+        self._t_max = int(dec.dims.get("T", [1, 1])[1]) if dec else 1
 
     def _build(self, onnx_path: Path, plan, fp16: bool, workspace_mb: int) -> bytes:
         trt = self.trt
@@ -116,3 +136,145 @@ class TensorRTBackend(Backend):
                 raise RuntimeError(f"TensorRT execution of {engine} failed")
         self.stream.synchronize()
         return {k: v.cpu().numpy() for k, v in outs.items()}
+
+    # ------------------------------------------------------------------ device-resident decoder
+    def alloc_kv(self, shape, dtype: str = "float32") -> "DeviceKV":
+        """The session's KV buffer in device memory with its own decoder execution context
+        (a :class:`DeviceKV`). Raises KeyError when the bundle has no decoder_step engine."""
+        return DeviceKV(self, shape, dtype)
+
+    def decoder_step(self, kv: KVBuffer, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One decoder step on ``kv``'s device buffers (I/O as
+        :meth:`Backend.decoder_step <streamgraph.backends.base.Backend.decoder_step>`): the
+        small inputs are copied into their preallocated device buffers, the engine runs on
+        ``kv``'s context and stream, ``logits`` / ``last_hidden`` / ``query_mean`` are copied
+        back; ``new_kv`` stays on the device as the pending KV and is reported as
+        ``new_kv_finite`` (bool, reduced on the device) instead of an array. A host
+        KVBuffer (not from this backend) runs the base-class default."""
+        if not isinstance(kv, DeviceKV) or kv.backend is not self:
+            return Backend.decoder_step(self, kv, inputs)
+        torch = self.torch
+        ctx, t = kv.context, int(inputs[INPUTS_EMBEDS].shape[1])
+        kv.pending_new_kv = None
+        with torch.cuda.stream(kv.stream):
+            for name, value in inputs.items():
+                buf = kv.inputs[name]
+                n = int(value.size)
+                buf[:n].copy_(torch.from_numpy(np.ascontiguousarray(value).reshape(-1)))   # small: T*C, O(S)
+                ctx.set_input_shape(name, tuple(value.shape))
+                ctx.set_tensor_address(name, buf.data_ptr())
+            views = kv.output_views(t)
+            for name, view in views.items():
+                ctx.set_tensor_address(name, view.data_ptr())
+            if not ctx.execute_async_v3(kv.stream.cuda_stream):
+                raise RuntimeError("TensorRT execution of decoder_step failed")
+            new_kv = views[NEW_KV]
+            finite = torch.isfinite(new_kv).all()
+            host = {n: views[n].to("cpu", non_blocking=False) for n in (LOGITS, LAST_HIDDEN, QUERY_MEAN)}
+        kv.stream.synchronize()
+        kv.pending_new_kv = new_kv
+        return {**{n: v.numpy() for n, v in host.items()}, "new_kv_finite": bool(finite.item())}
+
+    def commit_kv(self, kv: KVBuffer, write_slots: np.ndarray) -> None:
+        """Scatter the pending device ``new_kv`` into ``write_slots`` (>= 0) of ``kv`` with
+        ``index_copy_`` on the device (the slot indices are the only data sent). A host
+        KVBuffer uses the base-class default. Raises RuntimeError when no step is pending."""
+        if not isinstance(kv, DeviceKV):
+            return Backend.commit_kv(self, kv, write_slots)
+        pending = kv.pending_new_kv
+        if pending is None:
+            raise RuntimeError("commit_kv: no decoder_step is pending on this KV buffer")
+        kv.pending_new_kv = None
+        sel = np.flatnonzero(write_slots >= 0)
+        if not len(sel):
+            return
+        kv.scatter(pending, sel, write_slots[sel])
+
+
+
+class DeviceKV(KVBuffer):
+    """A session's KV buffer ``[L, 2, B, Hkv, S, Dh]`` in device memory (a torch CUDA tensor,
+    ``tensor``), with the decoder execution context, CUDA stream and preallocated device
+    I/O buffers of its session (never shared across streams). Its ``address`` (the device
+    pointer, set once in the context as ``kv_cache``) never changes.
+
+    ``data`` is a host *copy* (device -> host, for reports and tests; writing to it changes
+    nothing); :meth:`read_slots` / :meth:`write_slots` (ReKV's block moves) and
+    :meth:`write` copy only the slots they touch. Never run (module docstring).
+    """
+
+    def __init__(self, backend: "TensorRTBackend", shape, dtype: str = "float32"):
+        torch = backend.torch
+        self.backend, self.torch = backend, torch
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = dtype
+        dev = backend.device
+        self.tensor = torch.zeros(self.shape, dtype=getattr(torch, DTYPES[dtype].torch), device=dev)
+        self._address = self.tensor.data_ptr()
+        self.stream = torch.cuda.Stream(device=dev)
+        plan = backend._dec_plan
+        self.context = backend.engines[DECODER_STEP].create_execution_context()
+        self.context.set_input_shape(KV_CACHE, self.shape)
+        self.context.set_tensor_address(KV_CACHE, self._address)      # bound once
+        t_max = backend._t_max
+        size = lambda spec: int(np.prod([t_max if d == "T" else int(d) for d in spec.shape]))  # noqa: E731
+        tdt = lambda spec: getattr(torch, DTYPES[spec.dtype].torch)                             # noqa: E731
+        self.inputs = {i.name: torch.empty(size(i), dtype=tdt(i), device=dev)
+                       for i in plan.inputs if i.name != KV_CACHE}
+        self._outputs = {o.name: (torch.empty(size(o), dtype=tdt(o), device=dev), o.shape) for o in plan.outputs}
+        self._views: dict[int, dict] = {}
+        self.pending_new_kv = None
+
+    def output_views(self, t: int) -> dict:
+        """Device views of the preallocated outputs shaped for a chunk of ``t`` tokens."""
+        views = self._views.get(t)
+        if views is None:
+            views = {}
+            for name, (flat, shape) in self._outputs.items():
+                dims = [t if d == "T" else int(d) for d in shape]
+                views[name] = flat[: int(np.prod(dims))].view(dims)
+            self._views[t] = views
+        return views
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.tensor.cpu().numpy()
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.tensor.numel() * self.tensor.element_size())
+
+    @property
+    def capacity(self) -> int:
+        return int(self.shape[4])
+
+    def scatter(self, new_kv, token_index: np.ndarray, slots: np.ndarray) -> None:
+        """``tensor[..., slots[i], :] = new_kv[..., token_index[i], :]`` on the device."""
+        torch, dev = self.torch, self.tensor.device
+        idx = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(dev)
+        n = len(token_index)                       # token_index: sorted, unique
+        if int(token_index[-1]) == n - 1:          # the valid tokens are a prefix of the chunk
+            src = new_kv[:, :, :, :, :n]
+        else:
+            src = new_kv.index_select(4, torch.from_numpy(np.ascontiguousarray(token_index, np.int64)).to(dev))
+        with torch.cuda.stream(self.stream):
+            self.tensor.index_copy_(4, idx, src)
+        self.stream.synchronize()
+
+    def write(self, new_kv: np.ndarray, write_slots: np.ndarray) -> None:
+        """Host ``new_kv`` into the slots ``write_slots >= 0`` (copies only those tokens)."""
+        sel = np.flatnonzero(write_slots >= 0)
+        if len(sel):
+            src = self.torch.from_numpy(np.ascontiguousarray(new_kv[:, :, :, :, sel, :])).to(self.tensor.device)
+            self.scatter(src, np.arange(len(sel)), write_slots[sel])
+
+    def read_slots(self, slots: np.ndarray, layer: int | None = None) -> np.ndarray:
+        idx = self.torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.tensor.device)
+        t = self.tensor[:, :, 0] if layer is None else self.tensor[layer, :, 0]
+        return t.index_select(t.dim() - 2, idx).cpu().numpy()
+
+    def write_slots(self, slots: np.ndarray, values: np.ndarray, layer: int | None = None) -> None:
+        torch, dev = self.torch, self.tensor.device
+        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(dev)
+        t = self.tensor[:, :, 0] if layer is None else self.tensor[layer, :, 0]
+        t.index_copy_(t.dim() - 2, idx, torch.from_numpy(np.ascontiguousarray(values)).to(dev, t.dtype))
