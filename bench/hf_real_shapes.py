@@ -115,7 +115,7 @@ def main() -> int:
     from streamgraph.compiler.bundle import Bundle
     from streamgraph.compiler.compile import compile_graph
     from streamgraph.models.hf_random import QWEN2_SPECIAL_IDS, write_random_checkpoint
-    from streamgraph.runtime.preprocess import preprocess_frame
+    from streamgraph.runtime.pipeline import preprocess_frame
     from streamgraph.runtime.sources import sample_clip, video
 
     console = Console(width=150)

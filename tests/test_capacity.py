@@ -219,8 +219,8 @@ def test_plan_stream_bytes_are_what_the_runtime_allocates(tmp_path, graph):
     """Per-stream bytes of the plan against the buffers a session allocates (KV, reducer
     state, encoder references), for a graph with a stateful reducer and encoder reuse."""
     from streamgraph.compiler.compile import check_graph
-    from streamgraph.runtime.kv import KVBuffer
-    from streamgraph.runtime.reduction import EncoderStage, ReducerStage
+    from streamgraph.kv import KVBuffer
+    from streamgraph.runtime.pipeline import EncoderStage, ReducerStage
 
     text = f"""\
 version: 1

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from streamgraph.errors import BundleError, StreamgraphError  # noqa: E402
 from streamgraph.models import hf  # noqa: E402
-from streamgraph.runtime.preprocess import preprocess_frame  # noqa: E402
+from streamgraph.runtime.pipeline import preprocess_frame  # noqa: E402
 from streamgraph.runtime.session import Session  # noqa: E402
 from tests.conftest import HF_TEXT, HF_TOKENS_PER_FRAME, frames, write_hf_checkpoint, write_hf_graph  # noqa: E402
 
@@ -164,7 +164,7 @@ def test_sharded_and_legacy_layouts_load_identically(hf_checkpoint, tmp_path):
 def test_tied_bf16_checkpoint_with_template_in_tokenizer_config(tmp_path):
     """Tied embeddings (no lm_head in the file), bf16 tensors, the chat template inside
     tokenizer_config.json: eager decoder logits equal transformers'."""
-    from streamgraph.runtime.kv import FullCache, KVBuffer
+    from streamgraph.kv import FullCache, KVBuffer
 
     d = tmp_path / "tied"
     text = dict(HF_TEXT, tie_word_embeddings=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamgraph.runtime.preprocess import preprocess_frame, resize_rgb
+from streamgraph.runtime.pipeline import preprocess_frame, resize_rgb
 from tests.conftest import VTEST
 
 transformers = pytest.importorskip("transformers")

@@ -22,7 +22,8 @@ import pytest
 
 from streamgraph.cli import main
 from streamgraph.errors import EngineError, SourceError
-from streamgraph.runtime.metrics import Distribution, RecordWriter, read_records
+from streamgraph.runtime.metrics import read_records
+from streamgraph.runtime.stream import Distribution, RecordWriter
 from streamgraph.runtime.runner import Question, StreamRunner
 from streamgraph.runtime.scheduler import Scheduler
 from streamgraph.runtime.simulate import SimulatedSession

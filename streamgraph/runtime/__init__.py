@@ -10,8 +10,9 @@ import importlib
 
 _NAMES = {
     "Session": "session", "Engines": "session", "sources": None,
-    "Clock": "clock", "SimulatedClock": "clock", "WallClock": "clock",
-    "CachePolicy": "kv", "FullCache": "kv", "KVBuffer": "kv", "SinkWindowCache": "kv", "make_policy": "kv",
+    "Clock": "stream", "SimulatedClock": "stream", "WallClock": "stream",
+    "CachePolicy": "streamgraph.kv", "FullCache": "streamgraph.kv", "KVBuffer": "streamgraph.kv",
+    "SinkWindowCache": "streamgraph.kv", "make_policy": "streamgraph.kv",
     "FrameRecord": "metrics", "QuestionRecord": "metrics", "Report": "metrics",
     "CostModel": "scheduler", "Scheduler": "scheduler",
 }
@@ -24,4 +25,4 @@ def __getattr__(name: str):
     mod = _NAMES[name]
     if mod is None:
         return importlib.import_module(f"{__name__}.{name}")
-    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    return getattr(importlib.import_module(mod if "." in mod else f"{__name__}.{mod}"), name)

@@ -1,25 +1,20 @@
-"""Per-frame and per-question records, running aggregates, records on disk, and report.json.
+"""Per-frame and per-question records (their types), report.json, and reading records back.
 
-Memory stays flat however long a stream runs:
-
-* every finished record updates :class:`RunStats` — counts and streaming latency
-  distributions (DataDog's DDSketch, relative accuracy 1 %, at most 2048 bins each), so the
-  summary of a 24-hour stream costs what the summary of a minute costs;
-* a stream keeps only its most recent records in memory (a window, default
-  :data:`DEFAULT_HISTORY`);
-* with a :class:`RecordWriter` every record is also appended to a JSON Lines file as it
-  finishes, flushed per record, so nothing measured is lost when a run stops on an error or
-  a signal.
+What runs per frame — the running aggregates (:class:`~streamgraph.runtime.stream.RunStats`:
+counts and streaming latency distributions, DataDog's DDSketch, relative accuracy 1 %, at most
+2048 bins each) and the JSON Lines writer (:class:`~streamgraph.runtime.stream.RecordWriter`,
+flushed per record, so nothing measured is lost when a run stops on an error or a signal) —
+lives in :mod:`streamgraph.runtime.stream`; this module's code runs at report time only. Memory
+stays flat however long a stream runs: a stream keeps only its most recent records in memory
+(a window, default :data:`DEFAULT_HISTORY`), and the summary of a 24-hour stream costs what the
+summary of a minute costs.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-
-from ddsketch import LogCollapsingLowestDenseDDSketch
 
 from streamgraph.errors import ReportError
 
@@ -104,173 +99,6 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
             "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "max": float(a.max())}
 
 
-class Distribution:
-    """A streaming distribution of non-negative values (ms): exact count, mean, min and max,
-    percentiles from a DDSketch (each within 1 % of a value of the right rank). Memory is
-    bounded (:data:`SKETCH_BINS`) whatever the number of values."""
-
-    __slots__ = ("sketch", "count", "total", "min", "max")
-
-    def __init__(self):
-        self.sketch = LogCollapsingLowestDenseDDSketch(SKETCH_ACCURACY, bin_limit=SKETCH_BINS)
-        self.count, self.total, self.min, self.max = 0, 0.0, math.inf, -math.inf
-
-    def add(self, value: float) -> None:
-        v = float(value)
-        self.sketch.add(v)
-        self.count += 1
-        self.total += v
-        self.min = min(self.min, v)
-        self.max = max(self.max, v)
-
-    def quantile(self, q: float) -> float | None:
-        """Estimated ``q``-quantile (0..1), clamped to the exact [min, max]; None when empty."""
-        if not self.count:
-            return None
-        return float(min(self.max, max(self.min, self.sketch.get_quantile_value(q))))
-
-    def summary(self) -> dict[str, float | None]:
-        if not self.count:
-            return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None}
-        return {"p50": self.quantile(0.50), "p95": self.quantile(0.95), "p99": self.quantile(0.99),
-                "mean": self.total / self.count, "max": self.max}
-
-
-class RunStats:
-    """Running aggregates of a stream's finished records (constant memory)."""
-
-    def __init__(self):
-        self.sampled = self.processed = self.dropped = self.errors = self.nonfinite = 0
-        self.deadline_met = self.deadline_misses = 0
-        self.misses_by_stage: dict[str, int] = {}
-        self.e2e = Distribution()
-        self.stages: dict[str, Distribution] = {}
-        self.first_capture = math.inf
-        self.last_end = -math.inf
-        self.busy_s = 0.0
-        self.questions = self.questions_failed = 0
-        self.ttft = Distribution()
-
-    def add_frame(self, rec: FrameRecord) -> None:
-        self.sampled += 1
-        self.first_capture = min(self.first_capture, rec.capture)
-        if rec.decision == "drop":
-            self.dropped += 1
-            return
-        if rec.decision == "error":
-            self.errors += 1
-            self.nonfinite += rec.error_type == "NonFiniteError"
-            return
-        self.processed += 1
-        if rec.deadline_met:
-            self.deadline_met += 1
-        elif rec.deadline_met is False:
-            self.deadline_misses += 1
-            key = rec.overran or "-"
-            self.misses_by_stage[key] = self.misses_by_stage.get(key, 0) + 1
-        for s, ms in rec.stage_ms.items():
-            dist = self.stages.get(s)
-            if dist is None:
-                dist = self.stages[s] = Distribution()
-            dist.add(ms)
-            self.busy_s += ms / 1000.0
-        if rec.end is not None:
-            self.e2e.add(rec.latency_ms)
-            self.last_end = max(self.last_end, rec.end)
-
-    def add_question(self, rec: QuestionRecord) -> None:
-        self.questions += 1
-        self.questions_failed += bool(rec.error)
-        if rec.ttft_ms is not None:
-            self.ttft.add(rec.ttft_ms)
-
-    def summary(self, kv_bytes: int) -> dict:
-        """Counts, per-stage and end-to-end latency percentiles (ms), achieved fps, KV bytes."""
-        span = self.last_end - self.first_capture if self.processed else 0.0
-        return {
-            "sampled": self.sampled,
-            "processed": self.processed,
-            "dropped": self.dropped,
-            "errors": self.errors,
-            "nonfinite": self.nonfinite,
-            "deadline_misses": self.deadline_misses,
-            "deadline_met": self.deadline_met,
-            "misses_by_stage": dict(sorted(self.misses_by_stage.items())),
-            "latency_ms": {"end_to_end": self.e2e.summary(),
-                           **{s: self.stages[s].summary() for s in sorted(self.stages)}},
-            "achieved_fps": (self.processed / span) if span > 0 else None,
-            "compute_fps": (self.processed / self.busy_s) if self.busy_s > 0 else None,
-            "kv_bytes": kv_bytes,
-            "questions": self.questions,
-            "questions_failed": self.questions_failed,
-            "ttft_ms": self.ttft.summary(),
-        }
-
-
-def summarize(frames, questions, kv_bytes: int) -> dict:
-    """The summary of the given records (same fields as :meth:`RunStats.summary`)."""
-    stats = RunStats()
-    for f in frames:
-        stats.add_frame(f)
-    for q in questions:
-        stats.add_question(q)
-    return stats.summary(kv_bytes)
-
-
-class RecordWriter:
-    """Appends finished records to a JSON Lines file, one object per line (``{"kind":
-    "frame" | "question", ...the record's fields}``), flushed after every line so a crash or
-    a signal loses nothing already written (the OS holds it; no fsync).
-
-    Raises :class:`~streamgraph.errors.ReportError` when the file cannot be created or a
-    write fails (disk full, file removed from a read-only mount, ...); after a failed write
-    the writer is closed, ``error`` says why, and the lines written before stay."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.frames = self.questions = 0
-        self.error: str | None = None
-        try:
-            self._f = open(self.path, "w", encoding="utf-8")
-        except OSError as e:
-            raise ReportError(f"{self.path}: cannot write records: {e.strerror or e}") from None
-
-    @property
-    def count(self) -> int:
-        return self.frames + self.questions
-
-    def write(self, kind: str, rec: FrameRecord | QuestionRecord) -> None:
-        if self._f is None:
-            if self.error:
-                raise ReportError(self.error)
-            return
-        line = json.dumps({"kind": kind, **record_dict(rec)}, separators=(",", ":")) + "\n"
-        try:
-            self._f.write(line)
-            self._f.flush()
-        except OSError as e:
-            self.error = (f"{self.path}: cannot write records: {e.strerror or e} (the {self.count} "
-                          f"records written before stay)")
-            f, self._f = self._f, None
-            try:
-                f.close()
-            except OSError:
-                pass
-            raise ReportError(self.error) from None
-        if kind == "frame":
-            self.frames += 1
-        else:
-            self.questions += 1
-
-    def close(self) -> None:
-        if self._f is not None:
-            f, self._f = self._f, None
-            try:
-                f.close()
-            except OSError as e:
-                self.error = f"{self.path}: cannot write records: {e.strerror or e}"
-
-
 def read_records(path: str | Path) -> list[dict]:
     """The records of a JSON Lines file written by :class:`RecordWriter` (a torn last line,
     from a process killed mid-write, is skipped)."""
@@ -345,6 +173,5 @@ class Report:
         return path
 
 
-__all__ = ["DEFAULT_HISTORY", "RECORDS_FILE", "Distribution", "FrameRecord", "QuestionRecord", "RecordWriter",
-           "Report", "RunStats", "check_report_dir", "percentiles", "read_records", "record_dict",
-           "summarize"]
+__all__ = ["DEFAULT_HISTORY", "RECORDS_FILE", "FrameRecord", "QuestionRecord", "Report", "check_report_dir",
+           "percentiles", "read_records", "record_dict"]

@@ -14,9 +14,9 @@ The runner owns the pending queues. Whenever the executor is free at stream time
 
 Frames that arrive while an answer is being generated wait in their queue and are then
 handled by their policy like any others. With a
-:class:`~streamgraph.runtime.clock.SimulatedClock` the run is "as fast as possible with
+:class:`~streamgraph.runtime.stream.SimulatedClock` the run is "as fast as possible with
 deadlines in stream time" (deterministic with :class:`~streamgraph.runtime.simulate.SimulatedSession`);
-with a :class:`~streamgraph.runtime.clock.WallClock` frames are delivered at their capture
+with a :class:`~streamgraph.runtime.stream.WallClock` frames are delivered at their capture
 times (real time). Frames are decoded lazily, when their capture time has come.
 
 Live use (docs/live.md, "Live API"):
@@ -34,7 +34,7 @@ Live use (docs/live.md, "Live API"):
   other is read by a thread of its own. Capture times are on the runner's clock, and at most
   ``max_live_backlog`` frames (default 1: the newest) wait; an older one is dropped with a
   record. When a source is live and every session was opened without a clock, the runner
-  runs them on one :class:`~streamgraph.runtime.clock.WallClock`, and it calibrates
+  runs them on one :class:`~streamgraph.runtime.stream.WallClock`, and it calibrates
   (:meth:`Session.calibrate <streamgraph.runtime.session.Session.calibrate>`) the sessions
   whose cost model is still empty, once per shared backend.
 * A wall-clock runner waiting for the next frame wakes at once for a question (or a live
@@ -53,9 +53,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from streamgraph.errors import NonFiniteError, SourceError, StreamClosedError, StreamgraphError
-from streamgraph.runtime.clock import Clock, SimulatedClock, WallClock
 from streamgraph.runtime.scheduler import Decision, FairEDF
-from streamgraph.runtime.stream import StreamBase, check_question, check_time, error_text
+from streamgraph.runtime.stream import (Clock, SimulatedClock, StreamBase, WallClock, check_question, check_time,
+                                        error_text)
 
 log = logging.getLogger(__name__)
 
@@ -396,8 +396,8 @@ class StreamRunner:
     are called as things happen (progress displays), in the runner's thread.
 
     ``clock``: None = the sessions' shared clock; when every session was opened without a
-    clock, one :class:`~streamgraph.runtime.clock.WallClock` if any source is live (has a true
-    ``live`` attribute), else one :class:`~streamgraph.runtime.clock.SimulatedClock`. A
+    clock, one :class:`~streamgraph.runtime.stream.WallClock` if any source is live (has a true
+    ``live`` attribute), else one :class:`~streamgraph.runtime.stream.SimulatedClock`. A
     given clock is installed on every session. ``calibrate``: None = calibrate the sessions
     whose cost model is empty when any source is live (once per shared backend; the others
     get a copy), True = always those, False = never. The wall clock starts after the

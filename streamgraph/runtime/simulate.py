@@ -2,7 +2,7 @@
 
 Used to test and explore the scheduler deterministically: every frame "takes" the cost the
 caller gave for each stage at the chosen budget (plus optional seeded jitter), and time only
-moves through the :class:`~streamgraph.runtime.clock.SimulatedClock`.
+moves through the :class:`~streamgraph.runtime.stream.SimulatedClock`.
 """
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ from typing import Iterator
 
 import numpy as np
 
-from streamgraph.runtime.clock import Clock, SimulatedClock
 from streamgraph.runtime.metrics import DEFAULT_HISTORY, QuestionRecord
-from streamgraph.runtime.scheduler import FRAME_STAGES, Scheduler
-from streamgraph.runtime.stream import StreamBase, check_question, check_time
+from streamgraph.runtime.scheduler import FRAME_STAGES, CostModel, Scheduler
+from streamgraph.runtime.stream import Clock, SimulatedClock, StreamBase
 
 
 class SimulatedSession(StreamBase):
-    """``costs`` maps stage -> seconds, or stage -> {budget: seconds} for budget-dependent
+    """A stream that is its own :class:`~streamgraph.runtime.stream.Executor`.
+
+    ``costs`` maps stage -> seconds, or stage -> {budget: seconds} for budget-dependent
     stages; ``ttft_s``/``decode_s`` are a question's prefill and per-token costs.
     ``jitter`` multiplies each cost by ``1 + jitter * N(0,1)`` (clipped at 0.1x), seeded.
     ``cost_scale(frame_index) -> float`` may make some frames slower (e.g. a stage spike).
@@ -40,16 +41,26 @@ class SimulatedSession(StreamBase):
         self._executed = 0
 
     @property
+    def budgets(self) -> list:
+        return self.scheduler.budgets
+
+    @property
     def slots_in_use(self) -> int:
         return min(self.tokens, self.capacity)
 
-    def calibrate(self) -> dict[str, float]:
-        """Seed the cost model with the given (jitter-free) costs, as a real session's
-        calibration seeds it with measured ones."""
+    @property
+    def kv_bytes(self) -> int:
+        return 0
+
+    def begin_frame(self, budget: int | None) -> int | None:
+        return budget
+
+    def calibrate_costs(self, costs: CostModel, repeats: int = 0) -> None:
+        """Seed ``costs`` with the given (jitter-free) costs, as a real session's calibration
+        seeds it with measured ones (``calibrate()`` calls it)."""
         for stage, c in self.costs.items():
             for b in self.scheduler.budgets:
-                self.scheduler.costs.set(stage, c[b] if isinstance(c, dict) else c, b)
-        return dict(self.scheduler.costs.mean)
+                costs.set(stage, c[b] if isinstance(c, dict) else c, b)
 
     def _cost(self, stage: str, budget) -> float:
         c = self.costs.get(stage, 0.0)
@@ -67,27 +78,18 @@ class SimulatedSession(StreamBase):
         self.tokens += budget or 0
         return stage_s, budget or 0, {"budget": budget or 0, "encoder": "simulated"}
 
-    def ask(self, question: str, max_new_tokens: int | None = None, at: float | None = None) -> Iterator[str]:
-        """Answer with ``max_new_tokens`` (default ``answer_tokens``) pieces ``"x"``. Raises
-        ValueError at once for an empty question, ``max_new_tokens`` < 1 or a bad ``at``."""
-        check_question(question, max_new_tokens)
-        asked = self.clock.now() if at is None else check_time("at", at)
-        return self._answer(question, max_new_tokens, asked)
-
-    def _answer(self, question: str, max_new_tokens: int | None, asked: float) -> Iterator[str]:
-        self.clock.wait_until(asked)
-        rec = QuestionRecord(text=question, asked_at=asked, deadline=asked + self.scheduler.ttft)
-        self._begin_question(rec)
-        self.clock.spend(self.ttft_s)
-        rec.ttft_ms = 1000.0 * (self.clock.now() - asked)
-        rec.ttft_met = self.clock.now() <= rec.deadline
+    def answer(self, rec: QuestionRecord, max_new_tokens: int | None, clock: Clock) -> Iterator[str]:
+        """Answer with ``max_new_tokens`` (default ``answer_tokens``) pieces ``"x"``: the
+        prefill costs ``ttft_s``, each later token ``decode_s``."""
+        clock.wait_until(rec.asked_at)
+        clock.spend(self.ttft_s)
+        rec.ttft_ms = 1000.0 * (clock.now() - rec.asked_at)
+        rec.ttft_met = clock.now() <= rec.deadline
         for i in range(max_new_tokens or self.answer_tokens):
             if i:
-                self.clock.spend(self.decode_s)
+                clock.spend(self.decode_s)
                 rec.decode_ms.append(1000.0 * self.decode_s)
             rec.new_tokens += 1
             rec.answer += "x"
             yield "x"
         self.tokens += rec.new_tokens
-        rec.slots_in_use = self.slots_in_use
-        self._finish_question(rec)

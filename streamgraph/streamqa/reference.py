@@ -26,7 +26,7 @@ def load_reference_model(ckpt_dir: str | Path):
 def _pixels(ckpt, images: list[np.ndarray]):
     import torch
 
-    from streamgraph.runtime.preprocess import preprocess_frame
+    from streamgraph.runtime.pipeline import preprocess_frame
 
     p = ckpt.preprocessor
     return torch.from_numpy(np.concatenate([
