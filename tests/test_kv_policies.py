@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from streamgraph.errors import CapacityError
 from streamgraph.models.build import load_model
 from streamgraph.models.config import VLMConfig
-from streamgraph.runtime.kv import FullCache, KVBuffer, SinkWindowCache
+from streamgraph.kv import FullCache, KVBuffer, SinkWindowCache
 from streamgraph.runtime.session import Session
 from tests.conftest import frames, torch_bundle
 

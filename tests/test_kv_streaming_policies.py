@@ -34,9 +34,9 @@ from streamgraph.compiler.compile import check_graph
 from streamgraph.errors import CapacityError
 from streamgraph.models.build import load_model
 from streamgraph.models.config import VLMConfig
-from streamgraph.runtime.kv import (CarrierCache, FullCache, KVBuffer, RekvCache, SinkWindowCache,
-                                    StreamingVLMCache)
-from streamgraph.runtime.offload import BlockStore
+from streamgraph.kv import (CarrierCache, FullCache, KVBuffer, RekvCache, SinkWindowCache,
+                            StreamingVLMCache)
+from streamgraph.kv.rekv import BlockStore
 from streamgraph.runtime.session import Session
 from tests.conftest import frames, torch_bundle, write_graph
 from tests.test_kv_policies import _rope
@@ -650,7 +650,7 @@ def test_plan_regions_match_policies_and_inspect(tmp_path, capsys):
         slot_bytes = plan.kv.bytes // plan.kv.shape[4]
         assert sum(r["slots"] for r in regs) == plan.kv.shape[4] == plan.cache["capacity"]
         assert all(r["bytes"] == r["slots"] * slot_bytes for r in regs)
-        from streamgraph.runtime.kv import make_policy
+        from streamgraph.kv import make_policy
         pol = make_policy(plan.cache["op"], plan.cache["params"], plan)
         assert {n: list(v) for n, v in pol.regions().items()} == {r["name"]: [r["start"], r["slots"]] for r in regs}
         assert main(["inspect", str(tmp_path / f"{name}.yaml")]) == 0

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from streamgraph.models.config import TextConfig, VisionConfig, VLMConfig  # noqa: E402
 from streamgraph.models.vlm import StreamingVLM  # noqa: E402
-from streamgraph.runtime.kv import FullCache, KVBuffer  # noqa: E402
+from streamgraph.kv import FullCache, KVBuffer  # noqa: E402
 
 
 def _qwen2(cfg: TextConfig):

@@ -107,6 +107,9 @@ class CacheContext:
     fps: float
     prefill_chunk_tokens: int
     max_new_tokens: int
+    #: directory that relative paths of the cache node resolve against (the graph file's);
+    #: None = the current directory
+    base_dir: str | None = None
 
 
 class ShapeError(Exception):
@@ -376,212 +379,20 @@ register(OpInfo("pool", "reducer", PoolNode,
 
 # --------------------------------------------------------------------------- cache policies
 
-class FullNode(NodeBase):
-    """KV-cache policy: keep every token until the cache is full (then the session
-    raises a capacity error)."""
-
-    op: Literal["full"]
-    capacity_tokens: int = Field(ge=1, le=MAX_CACHE_TOKENS)
-    """Capacity of the KV cache in slots."""
+# Every cache policy (its node, layout, runtime class and registration) is one file of
+# streamgraph/kv/ and registers itself there on import (``import streamgraph.kv``, done by
+# compiler/spec.py); ``ops.FullNode`` & co. resolve lazily (no import circle).
+_KV_NODES = {"FullNode": "full", "SinkWindowNode": "sink_window", "StreamingVLMNode": "streaming_vlm",
+             "RekvNode": "rekv", "CarrierNode": "carrier"}
 
 
-register(OpInfo("full", "cache", FullNode, output=PortType.CACHE_POLICY,
-                capacity=lambda p: p.capacity_tokens,
-                regions=lambda p, ctx: {"cache": p.capacity_tokens}))
+def __getattr__(name: str) -> Any:
+    """``ops.FullNode`` etc.: the cache-policy nodes live in ``streamgraph.kv.<policy>``."""
+    if name in _KV_NODES:
+        import importlib
 
-
-class SinkWindowNode(NodeBase):
-    """StreamingLLM KV-cache policy: keep the first `sink_tokens` tokens (attention
-    sinks) plus a window of the most recent `window_tokens`; capacity = sink + window."""
-
-    op: Literal["sink_window"]
-    sink_tokens: int = Field(ge=0, le=MAX_CACHE_TOKENS)
-    """Attention-sink slots kept from the start of the stream."""
-    window_tokens: int = Field(ge=1, le=MAX_CACHE_TOKENS)
-    """Slots of the recent window (evicted oldest first)."""
-
-
-def _check_sink_window(params: SinkWindowNode, tokens_per_frame: int,
-                       decoder: Any) -> None:
-    need = max(tokens_per_frame, decoder.prefill_chunk_tokens)
-    if params.window_tokens < need:
-        raise ShapeError("window_tokens",
-                         f"window_tokens {params.window_tokens} must be >= {need} = "
-                         f"max(visual tokens per frame {tokens_per_frame}, decoder "
-                         f"prefill_chunk_tokens {decoder.prefill_chunk_tokens}) so that a "
-                         f"prefill chunk fits in the window")
-
-
-register(OpInfo("sink_window", "cache", SinkWindowNode, output=PortType.CACHE_POLICY,
-                capacity=lambda p: p.sink_tokens + p.window_tokens,
-                check_cache=_check_sink_window,
-                regions=lambda p, ctx: {"sink": p.sink_tokens, "window": p.window_tokens}))
-
-
-class StreamingVLMNode(NodeBase):
-    """StreamingVLM KV-cache policy: an attention sink of the first `sink_tokens` text
-    tokens, a long window of the most recent `text_window_tokens` text tokens and a short
-    window of the most recent vision frames; positions are re-assigned contiguously over
-    what is retained ("shrink" mode). Capacity = sink + text window + frames x K.
-
-    Source: Xu et al., "StreamingVLM" (2025), mit-han-lab/streaming-vlm
-    `streaming_vlm/inference/inference.py` (techniques.md section 2)."""
-
-    op: Literal["streaming_vlm"]
-    sink_tokens: int = Field(512, ge=0, le=MAX_CACHE_TOKENS)
-    """Text attention-sink slots: the first kept text tokens of the stream (system prompt,
-    then the first answer tokens), kept forever (StreamingVLM text_sink = 512). Question
-    prompts are kept only while their turn lasts, as StreamingVLM drops user turns."""
-    text_window_tokens: int = Field(512, ge=1, le=MAX_CACHE_TOKENS)
-    """Slots of the long text window: the most recent kept text tokens after the sink and
-    the current question turn (StreamingVLM text_sliding_window = 512)."""
-    vision_window_frames: int | None = Field(None, ge=1, le=MAX_COUNT)
-    """Short vision window in frames (each frame takes K slots). At most one of
-    `vision_window_frames` / `vision_window_seconds`."""
-    vision_window_seconds: float | None = Field(None, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
-    """Short vision window in seconds of stream, turned into ceil(seconds x stream.fps)
-    frames; default 16 (StreamingVLM window_size = 16 one-second chunks) when neither is
-    given."""
-
-    @model_validator(mode="after")
-    def _one_window(self) -> "StreamingVLMNode":
-        if self.vision_window_frames is not None and self.vision_window_seconds is not None:
-            raise ValueError("give at most one of 'vision_window_frames' or "
-                             "'vision_window_seconds', got both")
-        return self
-
-    def window_frames(self, fps: float) -> int:
-        """Frames in the vision window (>= 1) at ``fps`` frames per second. Raises
-        ShapeError when the window is in seconds and ``fps`` is not > 0."""
-        if self.vision_window_frames is not None:
-            return self.vision_window_frames
-        if not fps > 0:
-            raise ShapeError("vision_window_seconds", f"a vision window in seconds needs the "
-                             f"stream's fps > 0, got {fps}")
-        seconds = 16.0 if self.vision_window_seconds is None else self.vision_window_seconds
-        return max(1, math.ceil(seconds * fps - 1e-9))
-
-
-def _streaming_vlm_regions(p: StreamingVLMNode, ctx: CacheContext) -> dict[str, int]:
-    if p.text_window_tokens < ctx.prefill_chunk_tokens:
-        raise ShapeError("text_window_tokens",
-                         f"text_window_tokens {p.text_window_tokens} must be >= the decoder's "
-                         f"prefill_chunk_tokens {ctx.prefill_chunk_tokens} so that a text "
-                         f"chunk fits in the text window")
-    return {"sink": p.sink_tokens, "text_window": p.text_window_tokens,
-            "vision_window": p.window_frames(ctx.fps) * ctx.tokens_per_frame}
-
-
-register(OpInfo("streaming_vlm", "cache", StreamingVLMNode, output=PortType.CACHE_POLICY,
-                regions=_streaming_vlm_regions))
-
-
-class RekvNode(NodeBase):
-    """ReKV KV-cache policy: stream over [init | local window]; every frame's KV is a block
-    (block_tokens tokens, default K: one block per frame) with its mean key per layer;
-    blocks leaving the local window are offloaded to a host block store (RAM up to a cap,
-    then disk). A question retrieves, per layer, the top-k blocks by dot product of block
-    mean keys with the question's mean query and answers over [init | retrieved |
-    question]. Capacity = init + local + topk x block_tokens + question.
-
-    Source: Di et al., "Streaming Video Question-Answering with In-context Video KV-Cache
-    Retrieval" (ICLR 2025), Becomebright/ReKV `model/attention/kv_cache_manager.py`
-    (techniques.md section 5)."""
-
-    op: Literal["rekv"]
-    init_tokens: int = Field(128, ge=0, le=MAX_CACHE_TOKENS)
-    """Init slots (ReKV n_init): the system-prompt tokens at the start of the stream, kept
-    forever; prompt tokens beyond them go to the local window."""
-    local_tokens: int = Field(2048, ge=1, le=MAX_CACHE_TOKENS)
-    """Local window (ReKV n_local): most recent stream tokens attended while encoding
-    frames. Must be >= block_tokens + the largest chunk, so a block is complete before its
-    first token leaves the window."""
-    topk: int = Field(64, ge=1, le=MAX_COUNT)
-    """Blocks retrieved per layer for a question (ReKV retrieve_size = 64)."""
-    block_tokens: int | None = Field(None, ge=1, le=MAX_CACHE_TOKENS)
-    """Tokens per block (ReKV block_size); default K, one block per frame."""
-    question_tokens: int = Field(256, ge=1, le=MAX_CACHE_TOKENS)
-    """Slots for the question prompt plus the answer (discarded after the answer)."""
-    store_blocks: int | None = Field(None, ge=1, le=MAX_COUNT)
-    """Blocks the host block store keeps in RAM; older blocks spill to disk. At most one
-    of `store_blocks` / `store_mb`; default 1024 blocks."""
-    store_mb: float | None = Field(None, gt=0, le=MAX_MEMORY_MB, allow_inf_nan=False)
-    """RAM cap of the host block store in MiB (payload + mean keys); older blocks spill to
-    disk."""
-
-    @model_validator(mode="after")
-    def _one_cap(self) -> "RekvNode":
-        if self.store_blocks is not None and self.store_mb is not None:
-            raise ValueError("give at most one of 'store_blocks' or 'store_mb', got both")
-        return self
-
-    def block_size(self, tokens_per_frame: int) -> int:
-        """Tokens per block (``block_tokens`` or K)."""
-        return self.block_tokens if self.block_tokens is not None else tokens_per_frame
-
-    def store_cap_blocks(self, block_bytes: int) -> int:
-        """RAM cap of the block store in blocks, for blocks of ``block_bytes`` bytes
-        (payload + mean key). Raises ShapeError when ``store_mb`` holds no block."""
-        if self.store_mb is None:
-            return self.store_blocks if self.store_blocks is not None else 1024
-        n = int(self.store_mb * 1024 * 1024) // block_bytes
-        if n < 1:
-            raise ShapeError("store_mb", f"store_mb {self.store_mb:g} is less than one block "
-                             f"({block_bytes} bytes)")
-        return n
-
-
-def _rekv_regions(p: RekvNode, ctx: CacheContext) -> dict[str, int]:
-    bt = p.block_size(ctx.tokens_per_frame)
-    chunk = max(ctx.tokens_per_frame, ctx.prefill_chunk_tokens)
-    if p.local_tokens < bt + chunk:
-        raise ShapeError("local_tokens",
-                         f"local_tokens {p.local_tokens} must be >= {bt + chunk} = block_tokens "
-                         f"{bt} + the largest chunk {chunk}, so a block is complete before its "
-                         f"first token leaves the local window")
-    if p.question_tokens < ctx.max_new_tokens + 1:
-        raise ShapeError("question_tokens",
-                         f"question_tokens {p.question_tokens} must be > the decoder's "
-                         f"max_new_tokens {ctx.max_new_tokens} (question prompt + answer)")
-    return {"init": p.init_tokens, "local": p.local_tokens, "retrieved": p.topk * bt,
-            "question": p.question_tokens}
-
-
-register(OpInfo("rekv", "cache", RekvNode, output=PortType.CACHE_POLICY,
-                regions=_rekv_regions))
-
-
-class CarrierNode(NodeBase):
-    """VideoScan KV-cache policy: each frame is prefilled with one carrier token (the mean
-    of its visual tokens) appended; only the carrier's KV is kept, in a carrier memory of
-    `carriers` slots; when it is full, the earlier carrier of the most similar adjacent
-    pair (cosine of carrier embeddings) is dropped. Positions are fixed at insertion
-    (cache length). Capacity = sink + carriers + question.
-
-    Source: Li et al., "VideoScan" (2025), LyliAgave/VideoScan `llava/model/llava_arch.py`
-    (`prepare_inputs_wo_last_frame`, MAX_MEMORY_LIMIT = 64) and `llava/video_streamer.py`
-    (techniques.md section 8)."""
-
-    op: Literal["carrier"]
-    sink_tokens: int = Field(128, ge=1, le=MAX_CACHE_TOKENS)
-    """Slots for the system prompt at the start of the stream, kept forever."""
-    carriers: int = Field(64, ge=2, le=MAX_CACHE_TOKENS)
-    """Carrier memory in slots (VideoScan MAX_MEMORY_LIMIT = 64): after each frame at most
-    `carriers - 1` carriers remain."""
-    question_tokens: int = Field(256, ge=1, le=MAX_CACHE_TOKENS)
-    """Slots for the question prompt plus the answer (discarded after the answer)."""
-
-
-def _carrier_regions(p: CarrierNode, ctx: CacheContext) -> dict[str, int]:
-    if p.question_tokens < ctx.max_new_tokens + 1:
-        raise ShapeError("question_tokens",
-                         f"question_tokens {p.question_tokens} must be > the decoder's "
-                         f"max_new_tokens {ctx.max_new_tokens} (question prompt + answer)")
-    return {"sink": p.sink_tokens, "carriers": p.carriers, "question": p.question_tokens}
-
-
-register(OpInfo("carrier", "cache", CarrierNode, output=PortType.CACHE_POLICY,
-                regions=_carrier_regions, frame_extra_tokens=1))
+        return getattr(importlib.import_module(f"streamgraph.kv.{_KV_NODES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cache_regions(op: str, params: dict, ctx: CacheContext) -> dict[str, int]:

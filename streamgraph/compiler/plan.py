@@ -142,37 +142,21 @@ class Plan:
 
 
 def cache_layout(op: str, params: dict, ctx, cfg, batch: int = 1, dtype: str = "float32") -> dict:
-    """The cache policy's part of the plan: ``capacity`` (slots S), ``regions`` (list of
+    """The cache policy's part of the plan, as the manifest stores it: the policy's typed
+    :class:`~streamgraph.kv.base.CacheLayout` (computed by its spec in ``streamgraph/kv/<op>.py``,
+    the one place a layout is written) as a dict — ``capacity`` (slots S), ``regions`` (list of
     ``{"name", "start", "slots", "bytes"}`` in slot order; bytes of the KV buffer each region
     takes), ``host_bytes`` (host RAM the policy keeps outside the buffer: the ReKV block
-    store's RAM tier, VideoScan's carrier embeddings) and policy facts the runtime needs
-    (``tokens_per_frame``, ``frame_extra_tokens``; ReKV: ``block_tokens``, ``store_blocks``,
-    ``block_bytes``, ``key_bytes``).
+    store's RAM tier, VideoScan's carrier embeddings), ``tokens_per_frame``,
+    ``frame_extra_tokens`` and the policy's facts (ReKV: ``block_tokens``, ``store_blocks``,
+    ``block_bytes``, ``key_bytes``; DuoAttention: ``streaming_heads``, ...).
 
     ``ctx`` is a :class:`~streamgraph.compiler.ops.CacheContext`, ``cfg`` the model config.
-    Raises :class:`~streamgraph.compiler.ops.ShapeError` for params that do not work."""
-    from streamgraph.compiler.ops import OPS, cache_regions
+    Raises KeyError for an unknown cache op and :class:`~streamgraph.compiler.ops.ShapeError`
+    for params that do not work."""
+    from streamgraph.kv import POLICIES, KVDims
 
-    x = cfg.text
-    slot_bytes = x.num_hidden_layers * 2 * batch * x.num_key_value_heads * x.head_dim * DTYPE_BYTES[dtype]
-    sizes = cache_regions(op, params, ctx)
-    regions, start = [], 0
-    for name, n in sizes.items():
-        regions.append({"name": name, "start": start, "slots": int(n), "bytes": int(n) * slot_bytes})
-        start += int(n)
-    out = {"capacity": start, "regions": regions, "host_bytes": 0,
-           "tokens_per_frame": ctx.tokens_per_frame, "frame_extra_tokens": OPS[op].frame_extra_tokens}
-    if op == "rekv":
-        node = OPS[op].params.model_validate({"op": op, **params})
-        bt = node.block_size(ctx.tokens_per_frame)
-        block_bytes = x.num_hidden_layers * 2 * x.num_key_value_heads * bt * x.head_dim * DTYPE_BYTES[dtype]
-        key_bytes = x.num_hidden_layers * x.num_key_value_heads * x.head_dim * 4
-        n = node.store_cap_blocks(block_bytes + key_bytes)
-        out.update(block_tokens=bt, store_blocks=n, block_bytes=block_bytes, key_bytes=key_bytes,
-                   host_bytes=n * (block_bytes + key_bytes))
-    elif op == "carrier":
-        out["host_bytes"] = int(params["carriers"]) * x.hidden_size * 4
-    return out
+    return POLICIES[op].layout(params, ctx, KVDims.from_config(cfg, batch, dtype)).to_dict()
 
 
 def _vision_activation_bytes(cfg, b: int) -> int:

@@ -35,9 +35,10 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValida
 from pydantic.json_schema import GenerateJsonSchema
 
 from streamgraph.compiler import limits
-from streamgraph.compiler.ops import (OPS, SOURCES, DecoderNode, FullNode, NoneNode,
-                                      SinkWindowNode, TopkSaliencyNode, VisionEncoderNode,
+from streamgraph.compiler.ops import (OPS, SOURCES, DecoderNode, NoneNode,
+                                      TopkSaliencyNode, VisionEncoderNode,
                                       op_names)
+from streamgraph.kv import FullNode, SinkWindowNode
 from streamgraph.errors import SpecError
 from streamgraph.runtime.scheduler import OVERLOAD_POLICIES
 
