@@ -218,3 +218,55 @@ def test_two_streams_on_one_backend_on_two_threads_equal_alone(bundles, backends
             _same(t, a)
         assert together[0].kv.binding is not together[1].kv.binding
         assert not np.array_equal(together[0].kv.data, together[1].kv.data)   # really two streams
+
+
+def test_sessions_on_the_bound_path_equal_sessions_on_run(bundles, backends):
+    """Through the runtime: a Session on the ONNX Runtime backend (its KV buffer from
+    ``alloc_kv``, steps through ``decoder_step`` / ``commit_kv``) gives the same answers, logits
+    of every step and KV cache as a Session whose backend offers only ``run`` (the runtime's
+    unbound path: ``kv_cache`` passed every step, host scatter)."""
+    from conftest import frames
+    from streamgraph.backends.onnxruntime import BoundKV
+    from streamgraph.runtime.session import Session
+
+    class RunOnly(Backend):
+        name, thread_safe = "run-only", True
+
+        def __init__(self, backend):
+            self.backend = backend
+
+        def run(self, engine, inputs):
+            return self.backend.run(engine, inputs)
+
+    for op in CACHES:
+        be, b = backends[op], bundles[op]
+        calls = []
+        real_step = be.decoder_step
+
+        def counted(kv, inputs, real_step=real_step):
+            calls.append(kv)
+            return real_step(kv, inputs)
+
+        be.decoder_step = counted
+        try:
+            out = {}
+            for label, backend in (("bound", be), ("run", RunOnly(be))):
+                s = Session(b, backend, trace=True)
+                video = frames(10, seed=3)
+                answers = []
+                for i, f in enumerate(video):
+                    s.push_frame(f, budget=s.budgets[-1])
+                    if i in (5, 9):
+                        answers.append("".join(s.ask("what is on camera?")))
+                out[label] = (s, answers)
+        finally:
+            del be.decoder_step
+        (sb, ab), (sr, ar) = out["bound"], out["run"]
+        assert isinstance(sb.kv, BoundKV) and not isinstance(sr.kv, BoundKV)
+        assert calls and all(kv is sb.kv for kv in calls)             # the bound path really ran
+        assert ab == ar
+        assert [t["kind"] for t in sb.trace] == [t["kind"] for t in sr.trace]
+        for tb, tr in zip(sb.trace, sr.trace):
+            assert np.array_equal(tb["logits"], tr["logits"])
+        assert np.array_equal(sb.kv.data, sr.kv.data)
+        assert sb.report_meta()["kv_buffer_address_constant"]
