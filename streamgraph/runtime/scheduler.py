@@ -3,7 +3,11 @@
 Every frame gets ``deadline = capture time + slo.frame_deadline_ms``; a question gets
 ``deadline = arrival + slo.ttft_ms`` for its first token and is served ahead of pending frames.
 When the executor becomes free, the policy first prunes the stream's pending frames, then
-decides how to run the one chosen (EDF across streams, see :mod:`streamgraph.runtime.runner`):
+decides how to run the one chosen (EDF across streams, see :class:`streamgraph.runtime.stream.StreamRunner`).
+Each policy is a strategy object (an :class:`OverloadPolicy` subclass with its ``prune`` /
+``decide`` / ``latest_start`` methods), registered by name in :data:`OVERLOAD`, the one place
+the names are written (the spec's ``slo.overload``, the CLI's ``--overload`` and the server
+read :data:`OVERLOAD_POLICIES` from it):
 
 * ``fifo`` (alias ``none``) — run every frame in arrival order, however late (the unbounded
   baseline; latency grows without bound under overload).
@@ -95,6 +99,10 @@ class OverloadPolicy:
 
     name = "fifo"
     aliases: tuple[str, ...] = ()
+    #: drops a frame that cannot meet its deadline (``drop_late``, ``degrade``)
+    sheds_late = False
+    #: may run a frame at a smaller token budget than the full one (``degrade``)
+    degrades = False
 
     def cheapest_budget(self, sched: "Scheduler"):
         """The budget of the cheapest run this policy may choose (the full budget)."""
@@ -143,6 +151,7 @@ class DropLate(OverloadPolicy):
     finish (start + predicted cost at full budget) is after it."""
 
     name = "drop_late"
+    sheds_late = True
 
     def _candidates(self, sched):
         return [sched.full_budget]
@@ -191,6 +200,7 @@ class Degrade(DropLate):
     even the smallest budget does not fit the slack, drop."""
 
     name = "degrade"
+    degrades = True
 
     def cheapest_budget(self, sched):
         return sched.budgets[0]

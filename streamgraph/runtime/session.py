@@ -37,7 +37,7 @@ class Session(StreamBase):
     its :class:`~streamgraph.runtime.metrics.FrameRecord`; ``ask`` streams an answer's text
     pieces; ``report`` summarises the run. With ``trace=True`` every decoder step's logits are
     kept in ``self.trace`` (for parity tests). Several sessions can share one executor through
-    :class:`~streamgraph.runtime.runner.StreamRunner` (EDF across streams).
+    :class:`~streamgraph.runtime.stream.StreamRunner` (EDF across streams).
     ``last_hidden [C]`` is the decoder's final-norm hidden state of the last valid token of the
     latest step. ``budgets`` lists the token budget buckets a frame can run at (ascending).
     ``history`` is how many recent records of each kind stay in memory (see
@@ -54,8 +54,8 @@ class Session(StreamBase):
     :class:`~streamgraph.errors.NonFiniteError` with the error in its record.
 
     Not thread-safe: drive a session from one thread at a time. To ask questions from other
-    threads while frames stream, run it in a :class:`~streamgraph.runtime.runner.StreamRunner`
-    and use :meth:`~streamgraph.runtime.runner.StreamRunner.ask`.
+    threads while frames stream, run it in a :class:`~streamgraph.runtime.stream.StreamRunner`
+    and use :meth:`~streamgraph.runtime.stream.StreamRunner.ask`.
     """
 
     def __init__(self, bundle: Bundle, backend: Backend, *, clock: Clock | None = None,
@@ -229,7 +229,7 @@ class Engines:
     :class:`~streamgraph.backends.base.SerializedBackend` (one engine call at a time). One
     :class:`Session` is not thread-safe: drive each from one thread at a time (to ask from other
     threads while it streams, use :meth:`StreamRunner.ask
-    <streamgraph.runtime.runner.StreamRunner.ask>`).
+    <streamgraph.runtime.stream.StreamRunner.ask>`).
     """
 
     def __init__(self, bundle: Bundle, backend: Backend, _assets: _Assets | None = None):

@@ -93,3 +93,4 @@ class SimulatedSession(StreamBase):
             rec.answer += "x"
             yield "x"
         self.tokens += rec.new_tokens
+        rec.slots_in_use = self.slots_in_use
