@@ -270,3 +270,47 @@ def test_sessions_on_the_bound_path_equal_sessions_on_run(bundles, backends):
             assert np.array_equal(tb["logits"], tr["logits"])
         assert np.array_equal(sb.kv.data, sr.kv.data)
         assert sb.report_meta()["kv_buffer_address_constant"]
+
+
+def test_tensorrt_device_kv_index_arithmetic_matches_the_host_buffer(bundles):
+    """The TensorRT backend is never run here (no TensorRT, no GPU). What can run is its
+    device-resident KV buffer's torch index arithmetic, on CPU tensors with a stand-in
+    execution context: commit_kv's ``index_copy_`` scatter (prefix and non-prefix valid
+    tokens), ``write``, ``read_slots`` / ``write_slots`` (ReKV's block moves) give exactly
+    what the host KVBuffer gives."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from streamgraph.backends.tensorrt import DeviceKV, TensorRTBackend
+
+    plan = bundles["sink_window"].plan
+    bound = {}
+    ctx = SimpleNamespace(set_input_shape=lambda n, s: None, set_tensor_address=lambda n, a: bound.update({n: a}))
+    fake = SimpleNamespace(torch=torch, device=torch.device("cpu"), _dec_plan=plan.engines[C.DECODER_STEP],
+                           _t_max=plan.engines[C.DECODER_STEP].dims["T"][1],
+                           engines={C.DECODER_STEP: SimpleNamespace(create_execution_context=lambda: ctx)})
+    dev, host = DeviceKV(fake, plan.kv.shape, plan.kv.dtype), KVBuffer(plan.kv.shape, plan.kv.dtype)
+    assert bound[C.KV_CACHE] == dev.address == dev.tensor.data_ptr() and dev.nbytes == host.nbytes
+    rng = np.random.default_rng(0)
+    L, two, B, hkv, S, dh = plan.kv.shape
+    for t, slots in [(8, np.arange(8)), (8, np.r_[20:25, -1, -1, -1]), (5, np.array([40, 3, 99, 7, 60])),
+                     (6, np.array([-1, 11, -1, 12, 13, -1])), (1, np.array([S - 1]))]:
+        new_kv = rng.standard_normal((L, two, B, hkv, t, dh)).astype(np.float32)
+        dev.pending_new_kv = torch.from_numpy(new_kv.copy())               # as the engine left it
+        TensorRTBackend.commit_kv(fake, dev, slots)
+        host.write(new_kv, slots)
+        assert dev.pending_new_kv is None and np.array_equal(dev.data, host.data)
+    new_kv = rng.standard_normal((L, two, B, hkv, 3, dh)).astype(np.float32)
+    dev.write(new_kv, np.array([30, -1, 31]))
+    host.write(new_kv, np.array([30, -1, 31]))
+    blocks = np.array([3, 20, 40])
+    for layer in (None, 1):
+        assert np.array_equal(dev.read_slots(blocks, layer), host.read_slots(blocks, layer))
+        vals = host.read_slots(blocks, layer) * 2 + 1
+        dev.write_slots(np.array([50, 51, 52]), vals, layer)
+        host.write_slots(np.array([50, 51, 52]), vals, layer)
+        assert np.array_equal(dev.data, host.data)
+    assert dev.address == dev.tensor.data_ptr()                            # never reallocated
+    views = dev.output_views(4)
+    assert views[C.NEW_KV].shape == (L, two, B, hkv, 4, dh) and views[C.LOGITS].shape == tuple(plan.engines[
+        C.DECODER_STEP].outputs[0].shape)

@@ -211,7 +211,8 @@ class DeviceKV(KVBuffer):
         dev = backend.device
         self.tensor = torch.zeros(self.shape, dtype=getattr(torch, DTYPES[dtype].torch), device=dev)
         self._address = self.tensor.data_ptr()
-        self.stream = torch.cuda.Stream(device=dev)
+        # (a CPU device has no stream: only the index arithmetic is testable without a GPU)
+        self.stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None
         plan = backend._dec_plan
         self.context = backend.engines[DECODER_STEP].create_execution_context()
         self.context.set_input_shape(KV_CACHE, self.shape)
@@ -257,6 +258,9 @@ class DeviceKV(KVBuffer):
             src = new_kv[:, :, :, :, :n]
         else:
             src = new_kv.index_select(4, torch.from_numpy(np.ascontiguousarray(token_index, np.int64)).to(dev))
+        if self.stream is None:
+            self.tensor.index_copy_(4, idx, src)
+            return
         with torch.cuda.stream(self.stream):
             self.tensor.index_copy_(4, idx, src)
         self.stream.synchronize()
