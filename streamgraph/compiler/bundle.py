@@ -32,7 +32,8 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from streamgraph.compiler.plan import DTYPE_BYTES, Plan
+from streamgraph.compiler.plan import Plan
+from streamgraph.contract import DECODER_STEP, DTYPES, EMBED_TOKENS, VISION_ENCODER
 from streamgraph.errors import BundleError
 
 try:  # POSIX advisory locks; without them (Windows) bundles are read and published unlocked
@@ -42,7 +43,7 @@ except ImportError:  # pragma: no cover
 
 MANIFEST = "manifest.json"
 #: 2: the manifest carries ``integrity`` (its own digest) and is re-validated on load.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Environment variable holding the HMAC key of keyed bundles (compile signs, load verifies).
 KEY_ENV = "STREAMGRAPH_BUNDLE_KEY"
 #: Directories inside a bundle that are caches of a backend, not part of the hashed bundle.
@@ -430,19 +431,19 @@ def _plan_problem(plan: Plan) -> str | None:
     if not _positive_int(plan.batch):
         return f".batch: must be a positive integer, got {plan.batch!r}"
     kv = plan.kv
-    if kv.dtype not in DTYPE_BYTES or len(kv.shape) != 6 or not all(map(_positive_int, kv.shape)):
-        return f".kv: shape must be 6 positive integers and dtype one of {sorted(DTYPE_BYTES)}"
-    if kv.bytes != math.prod(kv.shape) * DTYPE_BYTES[kv.dtype]:
+    if kv.dtype not in DTYPES or len(kv.shape) != 6 or not all(map(_positive_int, kv.shape)):
+        return f".kv: shape must be 6 positive integers and dtype one of {sorted(DTYPES)}"
+    if kv.bytes != math.prod(kv.shape) * DTYPES[kv.dtype].bytes:
         return f".kv.bytes: {kv.bytes} is not the size of a {kv.dtype} buffer of shape {kv.shape}"
-    for name in ("vision_encoder", "embed_tokens", "decoder_step"):
+    for name in (VISION_ENCODER, EMBED_TOKENS, DECODER_STEP):
         if name not in plan.engines:
             return f".engines: no {name!r} engine"
     for name, e in plan.engines.items():
         if e.name != name:
             return f".engines.{name}.name: is {e.name!r}"
         for io in e.inputs + e.outputs:
-            if io.dtype not in DTYPE_BYTES or not all(d == "T" or _positive_int(d) for d in io.shape):
-                return (f".engines.{name}: tensor {io.name!r}: dtype must be one of {sorted(DTYPE_BYTES)} "
+            if io.dtype not in DTYPES or not all(d == "T" or _positive_int(d) for d in io.shape):
+                return (f".engines.{name}: tensor {io.name!r}: dtype must be one of {sorted(DTYPES)} "
                         f"and each dim a positive integer or 'T'")
         for dim, rng in e.dims.items():
             if len(rng) != 2 or not all(map(_positive_int, rng)) or rng[0] > rng[1]:

@@ -1,22 +1,30 @@
 """The pipeline graph: a networkx DAG built from a :class:`GraphSpec`, its structural
-checks and static shape inference.
+checks and static shape inference, as passes over one annotated graph.
 
-:func:`build_graph` adds the built-in sources (``frames``, ``query``) and one graph node
-per spec node, draws an edge for every reference (``input:`` entries, and the decoder's
-``cache:`` with port ``cache``), and checks, in this order:
+Each pass is a function ``pass_(g)`` over the annotated graph ``g`` (an ``nx.DiGraph``;
+torch.fx style: results go into node metadata ``g.nodes[n][...]`` and graph metadata
+``g.graph[...]``). They run in this order (:data:`GRAPH_PASSES`; the whole compile pipeline
+is listed in :mod:`streamgraph.compiler.passes`):
 
-1. every reference names a defined node or a built-in source;
-2. the graph is acyclic;
-3. there is exactly one decoder;
-4. port types match (each input port gets exactly one producer of its type);
-5. every node's output is consumed (no dangling nodes, no unused cache policy);
-6. v1 topology: one chain ``frames -> encoder -> (at most one reducer) -> decoder`` plus
-   the decoder's cache policy;
-7. static shapes: visual tokens per frame along the chain, and a KV-cache capacity that
-   fits a frame's tokens and a prefill chunk.
+1. :func:`add_nodes` — the built-in sources (``frames``, ``query``) and one node per spec
+   node (``kind``, ``op``, ``type``, ``spec``), an edge per reference (``input:`` entries and
+   the decoder's ``cache:``); every reference names a defined node or a built-in source;
+2. :func:`check_acyclic` — the graph is acyclic;
+3. :func:`check_ports` — exactly one decoder; port types match (each input port gets exactly
+   one producer of its type; edge ``port``); every node's output is consumed (no dangling
+   nodes, no unused cache policy);
+4. :func:`check_chain` — v1 topology: one chain ``frames -> encoder -> (at most one reducer)
+   -> decoder`` plus the decoder's cache policy (``g.graph["encoder" | "reducers" | "cache" |
+   "decoder"]``);
+5. :func:`infer_shapes` — visual tokens per frame along the chain (``g.nodes[n]["shape"]``,
+   a :class:`TokenShape`; ``g.graph["tokens_per_frame"]``, ``g.graph["max_frame_tokens"]``);
+6. :func:`check_cache` — a KV-cache capacity that fits a frame's tokens and a prefill chunk
+   (``g.nodes[cache]["capacity"]``).
 
-Failures raise :class:`~streamgraph.errors.GraphError` located at the offending node or
-field of the graph file.
+They read ``g.graph["spec"]`` (the :class:`GraphSpec`) and ``g.graph["shape_context"]`` (a
+:class:`ShapeContext`: N, C and the token grid of the model). Failures raise
+:class:`~streamgraph.errors.GraphError` located at the offending node or field of the graph
+file. :func:`build_graph` runs them on a fresh graph and returns a :class:`PipelineGraph`.
 """
 from __future__ import annotations
 
@@ -31,24 +39,28 @@ from streamgraph.compiler.ops import (OPS, SOURCES, CacheContext, OpInfo, PortTy
 from streamgraph.compiler.spec import GraphSpec
 from streamgraph.errors import GraphError
 
-__all__ = ["TokenShape", "PipelineGraph", "build_graph", "V1_TOPOLOGY"]
+__all__ = ["TokenShape", "PipelineGraph", "build_graph", "new_graph", "pipeline_of", "V1_TOPOLOGY",
+           "GRAPH_PASSES", "add_nodes", "check_acyclic", "check_ports", "check_chain",
+           "infer_shapes", "check_cache"]
 
 V1_TOPOLOGY = "frames -> encoder -> (at most one token reducer) -> decoder"
 
 
 @dataclass
 class PipelineGraph:
-    """A checked pipeline graph with its static shapes.
+    """A checked pipeline graph with its static shapes (a view of the annotated graph after
+    :data:`GRAPH_PASSES`).
 
     ``graph`` holds the spec's nodes plus the sources ``frames`` and ``query``; node
     attributes ``kind`` (``source`` or the op kind), ``op``, ``type`` (output
-    :class:`PortType`, ``None`` for the decoder) and ``spec`` (the node's params model);
-    edge attribute ``port`` (the consuming input port: ``input``, ``visual``, ``text``,
-    ``cache``). ``shapes`` maps the encoder and the reducer to their output
-    :class:`TokenShape`; ``tokens_per_frame`` is K, the visual tokens per frame the decoder
-    receives (the largest budget bucket); ``max_frame_tokens`` the most visual tokens one
-    frame can put into a prefill chunk (more than K for a reducer that sends some frames
-    whole, like DTD's first frame); ``cache_capacity`` the KV-cache capacity in slots.
+    :class:`PortType`, ``None`` for the decoder), ``spec`` (the node's params model) and the
+    passes' results (``shape``, ``capacity``, ...); edge attribute ``port`` (the consuming
+    input port: ``input``, ``visual``, ``text``, ``cache``). ``shapes`` maps the encoder and
+    the reducer to their output :class:`TokenShape`; ``tokens_per_frame`` is K, the visual
+    tokens per frame the decoder receives (the largest budget bucket); ``max_frame_tokens``
+    the most visual tokens one frame can put into a prefill chunk (more than K for a reducer
+    that sends some frames whole, like DTD's first frame); ``cache_capacity`` the KV-cache
+    capacity in slots.
     """
 
     spec: GraphSpec
@@ -76,9 +88,17 @@ class PipelineGraph:
         return [self.encoder] + ([self.reducer] if self.reducer else []) + [self.decoder]
 
 
+def new_graph(spec: GraphSpec | None = None, shape_context: ShapeContext | None = None,
+              **meta: Any) -> nx.DiGraph:
+    """An empty annotated graph with graph metadata ``spec``, ``shape_context`` and ``meta``."""
+    g = nx.DiGraph()
+    g.graph.update(spec=spec, shape_context=shape_context, **meta)
+    return g
+
+
 def build_graph(spec: GraphSpec, *, encoder_tokens: int, hidden_size: int,
                 encoder_grid: tuple[int, int] | None = None) -> PipelineGraph:
-    """Build and check the DAG of ``spec`` and infer its static shapes.
+    """Build and check the DAG of ``spec`` and infer its static shapes (:data:`GRAPH_PASSES`).
 
     ``encoder_tokens`` is N, the visual tokens per frame the encoder emits, and
     ``hidden_size`` is C, the decoder width; the caller derives both from the model.
@@ -91,20 +111,67 @@ def build_graph(spec: GraphSpec, *, encoder_tokens: int, hidden_size: int,
     KV-cache too small for a frame or a prefill chunk. Raises ``ValueError`` if
     ``encoder_tokens`` or ``hidden_size`` is < 1 (a caller bug, not a graph error).
     """
+    g = new_graph(spec, shape_context(encoder_tokens, hidden_size, encoder_grid))
+    for run in GRAPH_PASSES:
+        run(g)
+    return pipeline_of(g)
+
+
+def shape_context(encoder_tokens: int, hidden_size: int,
+                  encoder_grid: tuple[int, int] | None = None) -> ShapeContext:
+    """The :class:`ShapeContext` of a model with N = ``encoder_tokens`` tokens of C =
+    ``hidden_size`` channels per frame. Raises ValueError if either is < 1."""
     if encoder_tokens < 1 or hidden_size < 1:
         raise ValueError(f"encoder_tokens and hidden_size must be >= 1, got {encoder_tokens}"
                          f" and {hidden_size}")
-    checker = _Checker(spec)
-    g = checker.build()
-    checker.check_acyclic()
-    decoder = checker.check_one_decoder()
-    checker.check_ports()
-    checker.check_dangling(decoder)
-    encoder, reducers, cache = checker.check_chain(decoder)
+    return ShapeContext(encoder_tokens=encoder_tokens, hidden_size=hidden_size,
+                        encoder_grid=tuple(encoder_grid) if encoder_grid is not None else None)
 
-    ctx = ShapeContext(encoder_tokens=encoder_tokens, hidden_size=hidden_size,
-                       encoder_grid=tuple(encoder_grid) if encoder_grid is not None else None)
-    shapes: dict[str, TokenShape] = {}
+
+def pipeline_of(g: nx.DiGraph) -> PipelineGraph:
+    """The :class:`PipelineGraph` view of an annotated graph after :data:`GRAPH_PASSES`."""
+    reducers = g.graph["reducers"]
+    return PipelineGraph(spec=g.graph["spec"], graph=g, encoder=g.graph["encoder"],
+                         reducer=reducers[0] if reducers else None, cache=g.graph["cache"],
+                         decoder=g.graph["decoder"],
+                         shapes={n: g.nodes[n]["shape"] for n in [g.graph["encoder"], *reducers]},
+                         tokens_per_frame=g.graph["tokens_per_frame"],
+                         cache_capacity=g.nodes[g.graph["cache"]]["capacity"],
+                         max_frame_tokens=g.graph["max_frame_tokens"])
+
+
+# --------------------------------------------------------------------------- passes
+
+def add_nodes(g: nx.DiGraph) -> None:
+    """1. Nodes and reference edges (``g.graph["refs"]``: every reference with its spec path)."""
+    _Checker(g).build()
+
+
+def check_acyclic(g: nx.DiGraph) -> None:
+    """2. The graph has no cycle (reported at the reference that closes it)."""
+    _Checker(g).check_acyclic()
+
+
+def check_ports(g: nx.DiGraph) -> None:
+    """3. Exactly one decoder (``g.graph["decoder"]``), port types (edge ``port``), no
+    dangling node."""
+    checker = _Checker(g)
+    g.graph["decoder"] = checker.check_one_decoder()
+    checker.check_ports()
+    checker.check_dangling(g.graph["decoder"])
+
+
+def check_chain(g: nx.DiGraph) -> None:
+    """4. The v1 chain: ``g.graph["encoder"]``, ``["reducers"]`` (at most one), ``["cache"]``."""
+    encoder, reducers, cache = _Checker(g).check_chain(g.graph["decoder"])
+    g.graph.update(encoder=encoder, reducers=reducers, cache=cache)
+
+
+def infer_shapes(g: nx.DiGraph) -> None:
+    """5. ``g.nodes[n]["shape"]`` along the chain (each op's shape rule), the K tokens per
+    frame the decoder receives and the most one frame can send (``frame_tokens`` rules)."""
+    spec, ctx, checker = g.graph["spec"], g.graph["shape_context"], _Checker(g)
+    encoder, reducers = g.graph["encoder"], g.graph["reducers"]
     shape: TokenShape | None = None
     for name in [encoder, *reducers]:
         node = spec.nodes[name]
@@ -114,23 +181,37 @@ def build_graph(spec: GraphSpec, *, encoder_tokens: int, hidden_size: int,
             shape = infer(node, shape, ctx)
         except ShapeError as exc:
             raise checker.error(name, exc.field, exc.message) from None
-        shapes[name] = shape
+        g.nodes[name]["shape"] = shape
     assert shape is not None
     tokens_per_frame = shape.n
-    frame_tokens, upstream = tokens_per_frame, shapes[encoder]
+    frame_tokens, upstream = tokens_per_frame, g.nodes[encoder]["shape"]
     for name in reducers:
         rule = OPS[spec.nodes[name].op].frame_tokens
         if rule is not None:
             frame_tokens = max(frame_tokens, rule(spec.nodes[name], upstream))
-        upstream = shapes[name]
+        upstream = g.nodes[name]["shape"]
+    g.graph.update(tokens_per_frame=tokens_per_frame, max_frame_tokens=frame_tokens)
 
-    cache_node, dec_node = spec.nodes[cache], spec.nodes[decoder]
+
+def cache_context(g: nx.DiGraph, tokens_per_frame: int) -> CacheContext:
+    """The :class:`CacheContext` of the graph's cache policy for ``tokens_per_frame`` tokens
+    per frame (the stream's fps, the decoder's chunk sizes, the graph file's directory)."""
+    spec = g.graph["spec"]
+    dec = spec.nodes[g.graph["decoder"]]
+    return CacheContext(tokens_per_frame, float(spec.stream.fps), dec.prefill_chunk_tokens,
+                        dec.max_new_tokens, base_dir=str(spec.resolve_path(".")))
+
+
+def check_cache(g: nx.DiGraph) -> None:
+    """6. ``g.nodes[cache]["capacity"]`` (the policy's regions, or its capacity rule) holds a
+    frame's tokens plus one decode token, and the policy's own checks pass."""
+    spec, checker = g.graph["spec"], _Checker(g)
+    cache, frame_tokens = g.graph["cache"], g.graph["max_frame_tokens"]
+    cache_node, dec_node = spec.nodes[cache], spec.nodes[g.graph["decoder"]]
     cache_info = OPS[cache_node.op]
     if cache_info.regions is not None:
-        ctx_cache = CacheContext(frame_tokens, float(spec.stream.fps),
-                                 dec_node.prefill_chunk_tokens, dec_node.max_new_tokens)
         try:
-            capacity = sum(cache_info.regions(cache_node, ctx_cache).values())
+            capacity = sum(cache_info.regions(cache_node, cache_context(g, frame_tokens)).values())
         except ShapeError as exc:
             raise checker.error(cache, exc.field, exc.message) from None
     else:
@@ -146,11 +227,11 @@ def build_graph(spec: GraphSpec, *, encoder_tokens: int, hidden_size: int,
             cache_info.check_cache(cache_node, frame_tokens, dec_node)
         except ShapeError as exc:
             raise checker.error(cache, exc.field, exc.message) from None
+    g.nodes[cache]["capacity"] = capacity
 
-    return PipelineGraph(spec=spec, graph=g, encoder=encoder,
-                         reducer=reducers[0] if reducers else None, cache=cache,
-                         decoder=decoder, shapes=shapes, tokens_per_frame=tokens_per_frame,
-                         cache_capacity=capacity, max_frame_tokens=frame_tokens)
+
+#: The graph stage of the compile pipeline, in order.
+GRAPH_PASSES = (add_nodes, check_acyclic, check_ports, check_chain, infer_shapes, check_cache)
 
 
 @dataclass(frozen=True)
@@ -162,11 +243,14 @@ class _Ref:
 
 
 class _Checker:
-    def __init__(self, spec: GraphSpec):
-        self.spec = spec
-        self.g = nx.DiGraph()
-        self.refs: list[_Ref] = []
-        self.order = {name: i for i, name in enumerate(spec.nodes)}
+    """The structural checks over an annotated graph (state lives in the graph: references in
+    ``g.graph["refs"]``)."""
+
+    def __init__(self, g: nx.DiGraph):
+        self.spec: GraphSpec = g.graph["spec"]
+        self.g = g
+        self.refs: list[_Ref] = g.graph.setdefault("refs", [])
+        self.order = {name: i for i, name in enumerate(self.spec.nodes)}
 
     # ------------------------------------------------------------------ helpers
     def error(self, node: str, field: str | int | None, message: str, *,

@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 
 from streamgraph.compiler.plan import EnginePlan, Plan
+from streamgraph.contract import (DECODER_STEP, DTYPES, EMBED_TOKENS, INPUT_IDS, VISION_ENCODER,
+                                  reducer_engine)
 
 OPSET = 18
 #: Engines with more weight bytes than this are exported with external data (see module doc).
 EXTERNAL_DATA_MIN_BYTES = 1 << 30
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "bool": torch.bool}
 
 
 def unique_param_bytes(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> int:
@@ -44,28 +45,29 @@ def unique_param_bytes(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> i
 def engine_modules(model, reducer: dict | None = None, budgets: list[int] | None = None,
                    encoder: dict | None = None) -> dict[str, torch.nn.Module]:
     """The module behind each engine: the plain engines of ``model``, one reducer module per
-    budget bucket (``reducer_k{K}``; ``reducer`` is ``{"op", "params"}`` or None), and, for
-    ``encoder = {"op": "stc_cacher", "params"}``, the refresh encoder (exported as
-    ``vision_encoder``, with the extra ``encoder_refs`` output) and ``vision_encoder_reuse``."""
+    budget bucket (``reducer_k{K}``; ``reducer`` is ``{"op", "params"}`` or None), and, for an
+    encoder with reuse (``encoder = {"op": "stc_cacher", "params"}``), the engines its plugin
+    builds around the plain encoder (STC-Cacher: the refresh encoder, exported as
+    ``vision_encoder`` with the extra ``encoder_refs`` output, and ``vision_encoder_reuse``).
+    The modules come from the op registry's plugins (``OpInfo.module``). Raises KeyError for an
+    op that is not a registered plugin of that kind."""
+    from streamgraph.compiler.spec import OPS  # the full registry (imports the plugin packages)
     from streamgraph.reducers import budgets_of, build_reducer
 
     mods = {
-        "vision_encoder": model.vision_encoder(),
-        "embed_tokens": model.token_embedding(),
-        "decoder_step": model.decoder_step(),
+        VISION_ENCODER: model.vision_encoder(),
+        EMBED_TOKENS: model.token_embedding(),
+        DECODER_STEP: model.decoder_step(),
     }
     if encoder is not None:
-        from streamgraph.reducers.stc_cacher import RefreshVisionEncoder, ReuseVisionEncoder
-
-        if encoder["op"] != "stc_cacher":
+        info = OPS.get(encoder["op"])
+        if info is None or info.kind != "encoder" or info.module is None:
             raise KeyError(f"unknown encoder reuse op {encoder['op']!r}")
-        plain = mods["vision_encoder"]
-        mods["vision_encoder"] = RefreshVisionEncoder(plain)
-        mods["vision_encoder_reuse"] = ReuseVisionEncoder(plain, float(encoder["params"]["update_ratio"]))
+        mods.update(info.module(encoder["params"], mods[VISION_ENCODER]))
     if reducer is not None:
         for k in budgets or budgets_of(reducer["params"]) or [None]:
             module = build_reducer(reducer["op"], reducer["params"], k)
-            mods[f"reducer_k{getattr(module, 'k', k)}"] = module
+            mods[reducer_engine(getattr(module, "k", k))] = module
     return mods
 
 
@@ -80,21 +82,21 @@ def engine_weight_bytes(model, reducer: dict | None = None, budgets: list[int] |
     embedding table unless it is tied to ``lm_head``)."""
     out = {}
     for name, m in engine_modules(model, reducer, budgets, encoder).items():
-        skip = ("model.embed_tokens",) if name == "decoder_step" else ()
+        skip = ("model.embed_tokens",) if name == DECODER_STEP else ()
         out[name] = unique_param_bytes(m, skip)
     if model.cfg.text.tie_word_embeddings:
-        out["decoder_step"] += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+        out[DECODER_STEP] += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     return out
 
 
 def _example(spec_shape: list, dtype: str, t: int, name: str) -> torch.Tensor:
     shape = [t if d == "T" else int(d) for d in spec_shape]
     g = torch.Generator().manual_seed(0)
-    dt = _TORCH_DTYPES[dtype]
+    dt = getattr(torch, DTYPES[dtype].torch)
     if dt == torch.bool:
         return torch.ones(shape, dtype=torch.bool)
     if dt == torch.int64:
-        if name == "input_ids":
+        if name == INPUT_IDS:
             return torch.randint(0, 200, shape, generator=g)
         n = shape[-1]
         return torch.arange(n, dtype=torch.int64).expand(*shape).contiguous()

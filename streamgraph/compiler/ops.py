@@ -10,40 +10,32 @@ visual tokens from an encoder or a token reducer), ``Text`` (the built-in source
 ``query``) and ``CachePolicy`` (a KV-cache policy node, referenced by the decoder's
 ``cache`` field).
 
-Adding an op is a params model plus a :func:`register` call, for example::
-
-    class PoolNode(NodeBase):
-        \"\"\"Average-pool visual tokens to a token budget.\"\"\"
-        op: Literal["pool"]
-        input: NodeRef
-        tokens_per_frame: int = Field(ge=1)
-
-    register(OpInfo("pool", "reducer", PoolNode,
-                    inputs=(Port("input", PortType.VISUAL_TOKENS),),
-                    output=PortType.VISUAL_TOKENS,
-                    infer_shape=_budget_shape))
+Adding an op is a params model plus a :func:`register` call in a plugin file: a token
+reducer or an encoder with reuse is ``streamgraph/reducers/<op>.py`` (params, shape rule,
+torch module, registration; see :mod:`streamgraph.reducers.base`), a cache policy
+``streamgraph/kv/<op>.py``. This module holds the registry core and the built-in ops
+(``vision_encoder``, ``none``, ``decoder``); it imports no plugin (the plugins import it), so
+the full registry is the one :mod:`streamgraph.compiler.spec` sees after importing the plugin
+packages. ``ops.<ParamsModel>`` (e.g. ``ops.TopkSaliencyNode``) resolves the params model of
+any registered op by its class name.
 
 This module never imports torch.
 """
 from __future__ import annotations
 
 import enum
-import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
-from streamgraph.compiler.limits import (MAX_BUCKETS, MAX_CACHE_TOKENS, MAX_COUNT, MAX_MEMORY_MB,
-                                         MAX_SECONDS, MAX_TOKENS)
+from streamgraph.compiler.limits import MAX_BUCKETS, MAX_TOKENS
 
 __all__ = [
     "PortType", "OpKind", "Port", "TokenShape", "ShapeContext", "ShapeError", "OpInfo",
     "NodeBase", "NodeRef", "TokenBudget", "budget_values", "SOURCES", "OPS", "register", "get_op", "op_names", "producers",
-    "VisionEncoderNode", "TopkSaliencyNode", "NoneNode", "FullNode", "SinkWindowNode",
-    "DecoderNode", "CacheContext", "cache_regions", "StreamingVLMNode", "RekvNode",
-    "CarrierNode", "PoolNode",
+    "encoder_shape", "VisionEncoderNode", "NoneNode", "DecoderNode", "CacheContext", "cache_regions",
 ]
 
 
@@ -101,7 +93,8 @@ class ShapeContext:
 @dataclass(frozen=True)
 class CacheContext:
     """Facts a cache policy's region rule needs: K visual tokens per frame (after the
-    reducer), the stream's sampling fps, and the decoder's chunk sizes (tokens)."""
+    reducer), the stream's sampling fps, the decoder's chunk sizes (tokens), and where the
+    node's relative paths resolve (DuoAttention's head pattern file)."""
 
     tokens_per_frame: int
     fps: float
@@ -215,6 +208,9 @@ class OpInfo:
       :class:`ShapeError`.
     - ``frame_extra_tokens`` (cache policies): tokens the policy appends to every frame's
       chunk (VideoScan's carrier: 1), so the decoder's chunk bound is K + this.
+    - ``module`` (reducer and encoder plugins): builds the op's torch module(s); imports
+      torch only when called. Reducers: ``(params dict, k) -> module`` of budget bucket K;
+      encoders with reuse: ``(params dict, plain encoder module) -> {engine role: module}``.
     """
 
     name: str
@@ -228,6 +224,7 @@ class OpInfo:
     frame_tokens: Callable[[Any, TokenShape], int] | None = None
     regions: Callable[[Any, CacheContext], dict[str, int]] | None = None
     frame_extra_tokens: int = 0
+    module: Callable[..., Any] | None = None
 
     @property
     def doc(self) -> str:
@@ -286,8 +283,9 @@ class VisionEncoderNode(NodeBase):
     """Frame source; only the built-in `frames` exists in v1."""
 
 
-def _encoder_shape(params: VisionEncoderNode, inp: TokenShape | None,
-                   ctx: ShapeContext) -> TokenShape:
+def encoder_shape(params: Any, inp: TokenShape | None, ctx: ShapeContext) -> TokenShape:
+    """Shape rule of an encoder: the model's N tokens of C channels per frame, with their raster
+    grid when the model has one."""
     grid = ctx.encoder_grid
     if grid is not None and grid[0] * grid[1] != ctx.encoder_tokens:
         grid = None
@@ -296,40 +294,10 @@ def _encoder_shape(params: VisionEncoderNode, inp: TokenShape | None,
 
 register(OpInfo("vision_encoder", "encoder", VisionEncoderNode,
                 inputs=(Port("input", PortType.FRAMES),),
-                output=PortType.VISUAL_TOKENS, infer_shape=_encoder_shape))
+                output=PortType.VISUAL_TOKENS, infer_shape=encoder_shape))
 
 
 # --------------------------------------------------------------------------- reducers
-
-class TopkSaliencyNode(NodeBase):
-    """Token pruner: keeps the `tokens_per_frame` visual tokens with the largest feature
-    L2 norm in each frame (a fixed token budget)."""
-
-    op: Literal["topk_saliency"]
-    input: NodeRef
-    """Node producing visual tokens (the encoder; v1 allows one reducer)."""
-    tokens_per_frame: TokenBudget
-    """Token budget K: visual tokens kept per frame (1 <= K <= N), or a list of budget
-    buckets, e.g. `[16, 32, 64]` (one engine each; the largest is the default)."""
-    positions: Literal["keep", "compact"] = "compact"
-    """`keep`: kept tokens keep their original positions in the frame; `compact`: they
-    get consecutive positions."""
-
-
-def _budget_shape(params: Any, inp: TokenShape | None, ctx: ShapeContext) -> TokenShape:
-    assert inp is not None
-    k = max(budget_values(params.tokens_per_frame))
-    if k > inp.n:
-        raise ShapeError("tokens_per_frame",
-                         f"token budget {k} exceeds the {inp.n} visual tokens per frame "
-                         f"the encoder emits")
-    return TokenShape(k, inp.c)
-
-
-register(OpInfo("topk_saliency", "reducer", TopkSaliencyNode,
-                inputs=(Port("input", PortType.VISUAL_TOKENS),),
-                output=PortType.VISUAL_TOKENS, infer_shape=_budget_shape))
-
 
 class NoneNode(NodeBase):
     """Identity token reducer: keeps every visual token."""
@@ -349,50 +317,10 @@ register(OpInfo("none", "reducer", NoneNode,
                 output=PortType.VISUAL_TOKENS, infer_shape=_identity_shape))
 
 
-class PoolNode(NodeBase):
-    """Token merger: LLaVA-OneVision's 2x2 bilinear pooling of each frame's token grid
-    (h x w -> ceil(h/2) x ceil(w/2) tokens; a fixed budget, every token kept)."""
-
-    op: Literal["pool"]
-    input: NodeRef
-    """Node producing a frame's full token grid (the encoder)."""
-
-
-def _pool_shape(params: PoolNode, inp: TokenShape | None, ctx: ShapeContext) -> TokenShape:
-    """K = ceil(h/2) * ceil(w/2) (transformers' ``LlavaOnevisionModel.apply_pooling``);
-    ``source_index`` is the top-left source token of each output's bilinear footprint (see
-    :mod:`streamgraph.reducers.pool`)."""
-    assert inp is not None
-    if inp.grid is None:
-        raise ShapeError("input", f"pool needs a raster grid of visual tokens, but its input "
-                         f"({inp.n} tokens per frame) has none; put pool directly after the "
-                         f"encoder")
-    h, w = inp.grid
-    oh, ow = -(-h // 2), -(-w // 2)
-    return TokenShape(oh * ow, inp.c, (oh, ow))
-
-
-register(OpInfo("pool", "reducer", PoolNode,
-                inputs=(Port("input", PortType.VISUAL_TOKENS),),
-                output=PortType.VISUAL_TOKENS, infer_shape=_pool_shape))
-
-
 # --------------------------------------------------------------------------- cache policies
-
 # Every cache policy (its node, layout, runtime class and registration) is one file of
 # streamgraph/kv/ and registers itself there on import (``import streamgraph.kv``, done by
-# compiler/spec.py); ``ops.FullNode`` & co. resolve lazily (no import circle).
-_KV_NODES = {"FullNode": "full", "SinkWindowNode": "sink_window", "StreamingVLMNode": "streaming_vlm",
-             "RekvNode": "rekv", "CarrierNode": "carrier"}
-
-
-def __getattr__(name: str) -> Any:
-    """``ops.FullNode`` etc.: the cache-policy nodes live in ``streamgraph.kv.<policy>``."""
-    if name in _KV_NODES:
-        import importlib
-
-        return getattr(importlib.import_module(f"streamgraph.kv.{_KV_NODES[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# compiler/spec.py).
 
 
 def cache_regions(op: str, params: dict, ctx: CacheContext) -> dict[str, int]:
@@ -433,5 +361,10 @@ register(OpInfo("decoder", "decoder", DecoderNode,
                 output=None))
 
 
-# Token-reduction ops (dtd, stc_pruner, tome, stc_cacher) register themselves on import.
-from streamgraph.compiler import reduction_ops as _reduction_ops  # noqa: E402,F401
+def __getattr__(name: str) -> Any:
+    """``ops.<ParamsModel>``: the params model of a registered op by class name (the plugins'
+    models live in their files; this finds the ones registered so far)."""
+    for info in OPS.values():
+        if info.params.__name__ == name:
+            return info.params
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

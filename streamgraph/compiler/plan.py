@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
+from typing_extensions import TypedDict  # pydantic validates these on Python < 3.12 only from here
+
+from streamgraph.contract import (DTYPES, EMBED_TOKENS, ENCODER_REFS, INPUT_IDS, INPUTS_EMBEDS, KEEP_MASK,
+                                  PIXEL_VALUES, SOURCE_INDEX, TOKENS, VISION_ENCODER, VISION_ENCODER_REUSE,
+                                  VISUAL_TOKENS, engine_file, reducer_engine)
 from streamgraph.errors import PlanError
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "int64": 8, "bool": 1}
 MiB = 1024 * 1024
 
 
@@ -37,7 +42,7 @@ class TensorSpec:
         n = 1
         for d in self.shape:
             n *= t if d == "T" else int(d)
-        return n * DTYPE_BYTES[self.dtype]
+        return n * DTYPES[self.dtype].bytes
 
 
 @dataclass
@@ -88,6 +93,22 @@ class MemoryPlan:
         return rows
 
 
+class ReducerEntry(TypedDict, total=False):
+    """``Plan.reducer``: the token reducer the engines ``reducer_k{K}`` run."""
+
+    op: str                     # registered reducer op
+    params: dict[str, Any]      # the graph node's fields (pool: + "grid" [rows, cols])
+    state: list[str]            # state inputs "state_<name>" (the runtime owns the buffers)
+    first_frame_full: bool      # the first frame of a stream is sent whole (DTD)
+
+
+class EncoderEntry(TypedDict):
+    """``Plan.encoder``: an encoder with reuse (``stc_cacher``); None for the plain encoder."""
+
+    op: str
+    params: dict[str, Any]
+
+
 @dataclass
 class Plan:
     """Everything the runtime needs to know ahead of time about shapes and memory."""
@@ -98,7 +119,7 @@ class Plan:
     tokens_per_frame: int                 # K tokens per frame after the reducer (largest bucket)
     hidden_size: int                      # C
     vocab_size: int
-    reducer: dict | None                  # {"op", "params", "state", "first_frame_full"} or None
+    reducer: ReducerEntry | None          # {"op", "params", "state", "first_frame_full"} or None
     cache: dict                           # {"op", "params", "capacity", "regions", "host_bytes", ...}
     chunk_max: int                        # largest prefill chunk T
     prefill_chunk_tokens: int
@@ -109,19 +130,17 @@ class Plan:
     image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     #: Token budget buckets, ascending; one engine ``reducer_k{K}`` each when there is a
-    #: reducer (``[N]`` without one). Empty in bundles from before buckets existed.
+    #: reducer (``[N]`` without one).
     budgets: list[int] = field(default_factory=list)
     #: Encoder reuse: ``{"op": "stc_cacher", "params": {...}}``, or None for the plain encoder.
-    encoder: dict | None = None
-
-    def reducer_engine(self, budget: int) -> str:
-        """Engine name of the reducer bucket ``budget`` (``reducer`` in pre-bucket bundles)."""
-        if "reducer" in self.engines:
-            return "reducer"
-        return f"reducer_k{budget}"
+    encoder: EncoderEntry | None = None
     encoder_grid: list[int] | None = None  # [rows, cols] of the N encoder tokens
     resample: str = "ffmpeg_bilinear"      # frame resize of the runtime (runtime.preprocess)
     rescale_factor: float = 1.0 / 255.0    # pixel scale before normalisation
+
+    def reducer_engine(self, budget: int) -> str:
+        """Engine name of the reducer bucket ``budget`` (``reducer_k{K}``)."""
+        return reducer_engine(budget)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -186,7 +205,7 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
               budgets: list[int] | None = None,
               reducer_io: dict[int, tuple[list[TensorSpec], list[TensorSpec]]] | None = None,
               encoder: dict | None = None, max_frame_tokens: int | None = None,
-              fps: float = 0.0) -> Plan:
+              fps: float = 0.0, layout: dict | None = None) -> Plan:
     """Plan shapes and memory.
 
     ``cfg`` is a :class:`~streamgraph.models.config.VLMConfig`; ``reducer``/``cache`` are
@@ -197,8 +216,10 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
     for encoder reuse (adds output ``encoder_refs [Lv,4,B,N,Cv]`` to ``vision_encoder`` and the
     engine ``vision_encoder_reuse``). ``max_frame_tokens`` (default K) bounds the prefill chunk
     when a reducer can send a frame whole. ``fps`` is the stream's sampling fps (cache
-    windows given in seconds). Raises :class:`PlanError` when the total exceeds
-    ``budget_mb`` MiB, naming every part.
+    windows given in seconds). ``layout`` is the cache policy's :func:`cache_layout` when the
+    caller computed it (the ``plan_cache_layout`` pass); else it is computed here. Raises
+    :class:`CachePlanError` for cache parameters that do not work and :class:`PlanError` when
+    the total exceeds ``budget_mb`` MiB, naming every part.
     """
     from streamgraph.compiler.ops import CacheContext, ShapeError
 
@@ -206,7 +227,7 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
     b, n, k, c = batch, cfg.encoder_tokens, tokens_per_frame, x.hidden_size
     budgets = sorted(budgets) if budgets else [k]
     try:
-        layout = cache_layout(cache["op"], cache["params"],
+        layout = layout or cache_layout(cache["op"], cache["params"],
                               CacheContext(max(k, max_frame_tokens or 0), float(fps), prefill_chunk_tokens,
                                            max_new_tokens),
                               cfg, b, dtype)
@@ -215,39 +236,39 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
     cap = layout["capacity"]
     t_max = max(max(k, max_frame_tokens or 0) + layout["frame_extra_tokens"], prefill_chunk_tokens)
     kv_shape = [x.num_hidden_layers, 2, b, x.num_key_value_heads, cap, x.head_dim]
-    kv_bytes = math.prod(kv_shape) * DTYPE_BYTES[dtype]  # exact: numpy's int64 can overflow
+    kv_bytes = math.prod(kv_shape) * DTYPES[dtype].bytes  # exact: numpy's int64 can overflow
     h, w = v.image_size
     f, i64, bl = dtype, "int64", "bool"
 
     engines: dict[str, EnginePlan] = {}
-    pixels = TensorSpec("pixel_values", f, [b, v.num_channels, h, w])
+    pixels = TensorSpec(PIXEL_VALUES, f, [b, v.num_channels, h, w])
     # STC-Cacher references: the layers that run (up to the deepest feature layer) x ViT tokens
-    refs = TensorSpec("encoder_refs", f, [v.layers_used, 4, b, v.num_patches, v.hidden_size])
-    engines["vision_encoder"] = EnginePlan(
-        "vision_encoder", "engines/vision_encoder.onnx", [pixels],
-        [TensorSpec("visual_tokens", f, [b, n, c])] + ([refs] if encoder is not None else []),
-        weights_bytes=engine_weight_bytes.get("vision_encoder", 0),
+    refs = TensorSpec(ENCODER_REFS, f, [v.layers_used, 4, b, v.num_patches, v.hidden_size])
+    engines[VISION_ENCODER] = EnginePlan(
+        VISION_ENCODER, engine_file(VISION_ENCODER), [pixels],
+        [TensorSpec(VISUAL_TOKENS, f, [b, n, c])] + ([refs] if encoder is not None else []),
+        weights_bytes=engine_weight_bytes.get(VISION_ENCODER, 0),
         activations_bytes=_vision_activation_bytes(cfg, b))
     if encoder is not None:
-        engines["vision_encoder_reuse"] = EnginePlan(
-            "vision_encoder_reuse", "engines/vision_encoder_reuse.onnx", [pixels, refs],
-            [TensorSpec("visual_tokens", f, [b, n, c])],
-            weights_bytes=engine_weight_bytes.get("vision_encoder_reuse", 0),
+        engines[VISION_ENCODER_REUSE] = EnginePlan(
+            VISION_ENCODER_REUSE, engine_file(VISION_ENCODER_REUSE), [pixels, refs],
+            [TensorSpec(VISUAL_TOKENS, f, [b, n, c])],
+            weights_bytes=engine_weight_bytes.get(VISION_ENCODER_REUSE, 0),
             activations_bytes=_vision_activation_bytes(cfg, b))
     if reducer is not None:
         for kb in budgets:
-            name = f"reducer_k{kb}"
+            name = reducer_engine(kb)
             ins, outs = (reducer_io or {}).get(kb) or (
-                [TensorSpec("visual_tokens", f, [b, n, c])],
-                [TensorSpec("tokens", f, [b, kb, c]), TensorSpec("keep_mask", bl, [b, kb]),
-                 TensorSpec("source_index", i64, [b, kb])])
-            engines[name] = EnginePlan(name, f"engines/{name}.onnx", ins, outs,
+                [TensorSpec(VISUAL_TOKENS, f, [b, n, c])],
+                [TensorSpec(TOKENS, f, [b, kb, c]), TensorSpec(KEEP_MASK, bl, [b, kb]),
+                 TensorSpec(SOURCE_INDEX, i64, [b, kb])])
+            engines[name] = EnginePlan(name, engine_file(name), ins, outs,
                                        weights_bytes=engine_weight_bytes.get(name, 0),
                                        activations_bytes=b * n * c * 4 * 2)
-    engines["embed_tokens"] = EnginePlan(
-        "embed_tokens", "engines/embed_tokens.onnx",
-        [TensorSpec("input_ids", i64, [b, "T"])], [TensorSpec("inputs_embeds", f, [b, "T", c])],
-        dims={"T": [1, t_max]}, weights_bytes=engine_weight_bytes.get("embed_tokens", 0))
+    engines[EMBED_TOKENS] = EnginePlan(
+        EMBED_TOKENS, engine_file(EMBED_TOKENS),
+        [TensorSpec(INPUT_IDS, i64, [b, "T"])], [TensorSpec(INPUTS_EMBEDS, f, [b, "T", c])],
+        dims={"T": [1, t_max]}, weights_bytes=engine_weight_bytes.get(EMBED_TOKENS, 0))
     engines["decoder_step"] = EnginePlan(
         "decoder_step", "engines/decoder_step.onnx",
         [TensorSpec("inputs_embeds", f, [b, "T", c]), TensorSpec("positions", i64, [b, "T"]),

@@ -7,12 +7,13 @@ is one line, ``FILE:LINE:COL: FIELD: MESSAGE``, pointing at the YAML node at fau
 
 Parsing composes the YAML (keeping every node's line and column), rejects duplicate
 keys, constructs plain values, checks each node's ``op`` against the registry
-(:mod:`streamgraph.compiler.ops`), then validates with pydantic (strict types, unknown
-fields forbidden; every number finite and within the bounds of
-:mod:`streamgraph.compiler.limits`) and converts pydantic's errors into located messages.
-YAML is read as PyYAML's safe loader reads it, plus YAML 1.2 exponent floats (``1e3``),
-with collections nested at most ``limits.MAX_YAML_DEPTH`` deep. Structural
-checks across nodes (references, cycles, port types, shapes) live in
+(:mod:`streamgraph.compiler.ops`; this module imports the plugin packages
+:mod:`streamgraph.reducers` and :mod:`streamgraph.kv`, so it sees every op), then
+validates with pydantic (strict types, unknown fields forbidden; every number finite and
+within the bounds of :mod:`streamgraph.compiler.limits`) and converts pydantic's errors
+into located messages. YAML is read as PyYAML's safe loader reads it, plus YAML 1.2
+exponent floats (``1e3``), with collections nested at most ``limits.MAX_YAML_DEPTH`` deep.
+Structural checks across nodes (references, cycles, port types, shapes) live in
 :mod:`streamgraph.compiler.graph`.
 
 Regenerate ``docs/graph.schema.json`` with
@@ -35,10 +36,9 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValida
 from pydantic.json_schema import GenerateJsonSchema
 
 from streamgraph.compiler import limits
-from streamgraph.compiler.ops import (OPS, SOURCES, DecoderNode, NoneNode,
-                                      TopkSaliencyNode, VisionEncoderNode,
-                                      op_names)
-from streamgraph.kv import FullNode, SinkWindowNode
+import streamgraph.kv  # noqa: F401  (registers the cache-policy ops: one plugin file each)
+import streamgraph.reducers  # noqa: F401  (registers the reducer and encoder-reuse ops)
+from streamgraph.compiler.ops import OPS, SOURCES, op_names
 from streamgraph.errors import SpecError
 from streamgraph.runtime.scheduler import OVERLOAD_POLICIES
 
@@ -46,10 +46,7 @@ __all__ = [
     "GraphSpec", "ModelSpec", "StreamSpec", "LiveSpec", "SLOSpec", "BudgetSpec", "NodeSpec",
     "OverloadPolicy", "OVERLOAD_POLICIES", "ModelPreset", "MODEL_PRESETS", "NODE_NAME_PATTERN",
     "GRAPH_NAME_PATTERN", "RESERVED_NODE_NAMES", "load_spec", "parse_spec", "json_schema",
-    "format_path",
-    # op params models, defined with their registry entries in streamgraph.compiler.ops
-    "VisionEncoderNode", "TopkSaliencyNode", "NoneNode", "FullNode", "SinkWindowNode",
-    "DecoderNode",
+    "format_path", "OPS",
 ]
 
 #: Overload policies of the scheduler (``slo.overload``): the names registered in
@@ -267,8 +264,9 @@ class BudgetSpec(_Section):
     """Device memory for weights, KV cache and activations, in MiB (at most 1 PiB)."""
 
 
-#: Discriminated union of every registered op's params model (discriminator: ``op``).
-NodeSpec = Annotated[Union[tuple(info.params for info in OPS.values())],  # type: ignore[misc]
+#: Discriminated union of every registered op's params model (discriminator: ``op``), in op
+#: name order (not registration order, so the schema does not depend on import order).
+NodeSpec = Annotated[Union[tuple(OPS[name].params for name in sorted(OPS))],  # type: ignore[misc]
                      Field(discriminator="op")]
 
 

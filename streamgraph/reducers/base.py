@@ -1,12 +1,22 @@
-"""The reducer engine contract, shared helpers, and the reducer registry.
+"""What every reducer plugin shares, torch-free: the engine contract, the budget shape rule,
+the module factory lookup and the lazy definition of a plugin's torch part.
 
-Every token reducer is a torch module exported into one static-shape engine per token
-budget K (``reducer_k{K}``). Engine I/O, in this order:
+A reducer is one plugin file ``streamgraph/reducers/<op>.py`` holding its parameters (the
+graph node, a :class:`~streamgraph.compiler.ops.NodeBase`), its shape rule, its torch module
+and its registration (one :func:`~streamgraph.compiler.ops.register` call whose
+``OpInfo.module`` builds the module). Importing a plugin never imports torch: the graph
+checks (``streamgraph validate``) and the bundle checks of the torch-free runtime read the
+registry. The torch part of a plugin is defined by a function run on first use
+(:func:`torch_part`): ``build(params, k)`` calls it, and so does a module attribute lookup of
+one of its names (``from streamgraph.reducers.dtd import DifferentialTokenDrop``, PEP 562).
+
+Every token reducer is exported into one static-shape engine per token budget K
+(``reducer_k{K}``). Engine I/O, in this order:
 
 * inputs: ``visual_tokens [B,N,C]`` float32, then the reducer's state tensors
-  ``state_<name>`` (see :attr:`Reducer.state`);
+  ``state_<name>`` (see :attr:`streamgraph.reducers.nn.Reducer.state`);
 * outputs: ``tokens [B,K,C]`` float32, ``keep_mask [B,K]`` bool, ``source_index [B,K]``
-  int64, then op-specific extra outputs (:attr:`Reducer.extra_outputs`, e.g. ToMe's
+  int64, then op-specific extra outputs (``Reducer.extra_outputs``, e.g. ToMe's
   ``token_size``), then the next state ``next_state_<name>`` for every state input, with
   the same shape and dtype.
 
@@ -23,113 +33,85 @@ Contract (DESIGN.md, "Token reducers"; the decoder step reads valid tokens as a 
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Any, Callable
 
-import torch
-from torch import Tensor, nn
+from streamgraph.compiler.ops import (OPS, Port, PortType, ShapeContext, ShapeError, TokenShape,
+                                      budget_values)
 
-from streamgraph.compiler.plan import TensorSpec
+__all__ = ["VISUAL_TOKENS_INPUT", "budget_shape", "build_reducer", "budgets_of", "reducer_factories",
+           "torch_part"]
 
-#: Default eps of :func:`torch.nn.functional.cosine_similarity` (used by the reference code).
-COS_EPS = 1e-8
-
-
-def cosine(a: Tensor, b: Tensor, eps: float = COS_EPS) -> Tensor:
-    """Cosine similarity along the last axis, as :func:`torch.nn.functional.cosine_similarity`
-    computes it (each norm clamped to ``eps``), written with plain ops so it exports to ONNX
-    and broadcasts. ``a [...,C]``, ``b [...,C]`` -> ``[...]`` in their dtype."""
-    na = a.pow(2).sum(-1).sqrt().clamp(min=eps)
-    nb = b.pow(2).sum(-1).sqrt().clamp(min=eps)
-    return (a * b).sum(-1) / (na * nb)
+#: The input port of a token reducer: the visual tokens of an encoder (or another reducer).
+VISUAL_TOKENS_INPUT = (Port("input", PortType.VISUAL_TOKENS),)
 
 
-def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
-    """``x / max(||x||, eps)`` along the last axis (:func:`torch.nn.functional.normalize`)."""
-    return x / x.pow(2).sum(-1, keepdim=True).sqrt().clamp(min=eps)
+def budget_shape(params: Any, inp: TokenShape | None, ctx: ShapeContext) -> TokenShape:
+    """Shape rule of a reducer with a ``tokens_per_frame`` budget: ``[K, C]`` tokens per frame,
+    K the largest bucket. Raises :class:`~streamgraph.compiler.ops.ShapeError` at
+    ``tokens_per_frame`` when K exceeds the N tokens of the input."""
+    assert inp is not None
+    k = max(budget_values(params.tokens_per_frame))
+    if k > inp.n:
+        raise ShapeError("tokens_per_frame",
+                         f"token budget {k} exceeds the {inp.n} visual tokens per frame "
+                         f"the encoder emits")
+    return TokenShape(k, inp.c)
 
 
-def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
-    """``x [B,N,C]``, ``idx [B,K]`` int64 -> ``x[b, idx[b, k], :]`` as ``[B,K,C]``."""
-    b, k = idx.shape
-    return torch.gather(x, 1, idx[..., None].expand(b, k, x.shape[-1]))
+def torch_part(module: str, names: tuple[str, ...]) -> Callable[[Callable[[], dict]], Callable[[], dict]]:
+    """Decorator of a plugin's torch section: ``define() -> {name: object}`` imports torch and
+    defines the plugin's module classes and torch helpers; it runs once, on first use.
 
+    Returns the cached ``define``; its ``getattr`` attribute is a module ``__getattr__``
+    (PEP 562) that resolves exactly ``names`` through it, so ``from <module> import Name``
+    works without defining anything at import time. Usage::
 
-def compact_valid_first(idx: Tensor, valid: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Reorder ``idx [B,K]`` (distinct token indices in ``[0, n)``) so that the entries with
-    ``valid [B,K]`` come first, each group in ascending index order.
-
-    Returns ``(idx, valid)`` reordered. Static-shape: a sort on the key ``idx + n * ~valid``.
+        @torch_part(__name__, ("TokenMerging",))
+        def _torch() -> dict: ...
+        __getattr__ = _torch.getattr
     """
-    key = idx + n * (~valid).to(idx.dtype)
-    order = torch.argsort(key, dim=-1)
-    return torch.gather(idx, 1, order), torch.gather(valid, 1, order)
+    def wrap(define: Callable[[], dict]) -> Callable[[], dict]:
+        @functools.cache
+        def cached() -> dict:
+            defined = define()
+            for name, obj in defined.items():   # named as if defined at the module's top level
+                if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__"):
+                    obj.__module__, obj.__qualname__ = module, name
+            return defined
+
+        def __getattr__(name: str) -> Any:
+            if name in names:
+                return cached()[name]
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+        cached.getattr = __getattr__  # type: ignore[attr-defined]
+        return cached
+    return wrap
 
 
-class Reducer(nn.Module):
-    """Base class of the token reducers (one instance per token budget ``k``).
-
-    Subclasses set :attr:`state` (state tensor names, shapes from :meth:`state_shapes`),
-    :attr:`extra_outputs` and, for DTD, :attr:`first_frame_full`, and implement
-    ``forward(visual_tokens, *state) -> (tokens, keep_mask, source_index, *extras,
-    *next_state)``.
-    """
-
-    #: Names of state tensors (engine inputs ``state_<name>``, outputs ``next_state_<name>``).
-    state: tuple[str, ...] = ()
-    #: ``(name, dtype)`` of extra per-token outputs of shape ``[B,K]``.
-    extra_outputs: tuple[tuple[str, str], ...] = ()
-    #: True when the first frame of a stream is sent whole (N tokens), as DTD does.
-    first_frame_full: bool = False
-
-    def __init__(self, k: int):
-        super().__init__()
-        if k < 1:
-            raise ValueError(f"token budget must be >= 1, got {k}")
-        self.k = int(k)
-
-    def state_shapes(self, b: int, n: int, c: int) -> dict[str, tuple[list[int], str]]:
-        """``{name: (shape, dtype)}`` of each state tensor for batch ``b``, ``n`` tokens of
-        ``c`` channels."""
-        return {}
-
-    def io(self, b: int, n: int, c: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
-        """Engine inputs and outputs (plan :class:`TensorSpec` lists), in forward order."""
-        k, shapes = self.k, self.state_shapes(b, n, c)
-        inputs = [TensorSpec("visual_tokens", "float32", [b, n, c])]
-        inputs += [TensorSpec(f"state_{s}", shapes[s][1], list(shapes[s][0])) for s in self.state]
-        outputs = [TensorSpec("tokens", "float32", [b, k, c]), TensorSpec("keep_mask", "bool", [b, k]),
-                   TensorSpec("source_index", "int64", [b, k])]
-        outputs += [TensorSpec(name, dt, [b, k]) for name, dt in self.extra_outputs]
-        outputs += [TensorSpec(f"next_state_{s}", shapes[s][1], list(shapes[s][0])) for s in self.state]
-        return inputs, outputs
+def reducer_factories() -> dict[str, Callable[[dict, int], Any]]:
+    """op name -> module factory ``(params dict, k) -> torch module`` of every registered
+    reducer with a torch module (every reducer but the identity ``none``)."""
+    return {name: info.module for name, info in OPS.items()
+            if info.kind == "reducer" and info.module is not None}
 
 
-# --------------------------------------------------------------------------- registry
-
-#: op name -> factory(params dict, k) building the torch module of one budget bucket.
-REDUCERS: dict[str, Callable[[dict, int], nn.Module]] = {}
-
-
-def register_reducer(op: str, factory: Callable[[dict, int], nn.Module]) -> None:
-    """Register the torch module factory of reducer op ``op`` (``ValueError`` if taken)."""
-    if op in REDUCERS:
-        raise ValueError(f"reducer {op!r} is already registered")
-    REDUCERS[op] = factory
-
-
-def build_reducer(op: str, params: dict, k: int | None = None) -> nn.Module | None:
+def build_reducer(op: str, params: dict, k: int | None = None) -> Any:
     """Torch module of reducer op ``op`` at token budget ``k`` (default: the largest of
-    ``params['tokens_per_frame']``), or ``None`` for the identity reducer ``none``.
+    ``params['tokens_per_frame']``), or ``None`` for the identity reducer ``none``. Imports
+    torch (through the plugin's torch part).
 
     Raises KeyError for an op that is not a registered reducer."""
     if op == "none":
         return None
-    if op not in REDUCERS:
-        raise KeyError(f"not a reducer op: {op!r} (registered: {', '.join(sorted(REDUCERS))})")
+    factories = reducer_factories()
+    if op not in factories:
+        raise KeyError(f"not a reducer op: {op!r} (registered: {', '.join(sorted(factories))})")
     if k is None:
         budget = params.get("tokens_per_frame")
         k = max(budget) if isinstance(budget, list) else budget
-    return REDUCERS[op](params, None if k is None else int(k))
+    return factories[op](params, None if k is None else int(k))
 
 
 def budgets_of(params: dict) -> list[int] | None:
