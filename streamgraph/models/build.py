@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from streamgraph.contract import DTYPES
 from streamgraph.errors import SpecError
 from streamgraph.models.config import PRESETS, VLMConfig
 from streamgraph.models.vlm import StreamingVLM, init_random_
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 _CKPT_CACHE: dict = {}
 
 
@@ -88,8 +87,14 @@ def build_model(spec, device: str = "cpu") -> StreamingVLM:
         return load_hf(hf_checkpoint(spec), dtype=dtype, device=device)
     if device == "meta":
         with torch.device("meta"):
-            return StreamingVLM(cfg).to(TORCH_DTYPES[dtype]).eval()
-    return init_random_(StreamingVLM(cfg), spec.model.seed).to(TORCH_DTYPES[dtype]).eval()
+            return StreamingVLM(cfg).to(torch_dtype(dtype)).eval()
+    return init_random_(StreamingVLM(cfg), spec.model.seed).to(torch_dtype(dtype)).eval()
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of plan dtype ``name`` (:data:`streamgraph.contract.DTYPES`); KeyError
+    for a name the contract does not define."""
+    return getattr(torch, DTYPES[name].torch)
 
 
 def weights_fingerprint(spec, model: torch.nn.Module) -> tuple[str, dict | None]:
@@ -127,7 +132,7 @@ def save_weights(model: StreamingVLM, path: str | Path) -> None:
 def load_model(cfg: VLMConfig, path: str | Path, dtype: str = "float32") -> StreamingVLM:
     """Rebuild a model from its config and a safetensors file written by :func:`save_weights`,
     in ``dtype``."""
-    model = StreamingVLM(cfg).to(TORCH_DTYPES[dtype])
+    model = StreamingVLM(cfg).to(torch_dtype(dtype))
     sd = load_file(str(path))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.text.tie_word_embeddings)]

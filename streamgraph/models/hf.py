@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamgraph.contract import DTYPES
 from streamgraph.errors import StreamgraphError
 from streamgraph.models.config import TextConfig, VisionConfig, VLMConfig
 
@@ -444,7 +445,7 @@ def load_model(ckpt: Checkpoint, dtype: str = "float32", device: str = "cpu"):
 
     from streamgraph.models.vlm import StreamingVLM
 
-    tdtype = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    tdtype = getattr(torch, DTYPES[dtype].torch)
     cfg = ckpt.cfg
     with torch.device("meta"):
         model = StreamingVLM(cfg).to(tdtype)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from streamgraph.contract import DTYPES
+
 #: LLaVA-OneVision's chat template as transformers' LLaVA-OneVision processor tests define it.
 LLAVA_ONEVISION_CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
@@ -75,7 +77,9 @@ def write_random_checkpoint(path: str | Path, *, vision: dict, text: dict, speci
             for name, p in model.named_parameters():
                 if "norm" in name or name.endswith("bias") or name.endswith("image_newline"):
                     p.add_(perturb * torch.randn(p.shape, generator=g))
-    save_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    # bfloat16 is a checkpoint storage dtype (what released checkpoints ship), not an engine
+    # dtype, so it is not in the contract's table
+    save_dtype = torch.bfloat16 if dtype == "bfloat16" else getattr(torch, DTYPES[dtype].torch)
     to_save = model if save_dtype == torch.float32 else model.to(save_dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     to_save.save_pretrained(path, **kwargs)
