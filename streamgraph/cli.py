@@ -1,4 +1,4 @@
-"""``streamgraph validate | compile | inspect | run | serve | capacity | eval | make-suite | schema``.
+"""``streamgraph validate | compile | inspect | run | serve | cluster | capacity | eval | make-suite | schema``.
 
 Every user error ends in one line ``error: ...`` on stderr naming the problem and where,
 and a non-zero exit (1 for bad input, 2 for bad usage, 3 for an internal error).
@@ -583,6 +583,26 @@ def cmd_serve(args) -> int:
                             log_level=args.log_level, on_ready=ready)
 
 
+def cmd_cluster(args) -> int:
+    import math
+
+    from streamgraph.cluster.cli import run_cluster
+
+    for name in ("actors", "threads"):
+        if getattr(args, name) < 1:
+            raise StreamgraphError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.fps is not None and not (math.isfinite(args.fps) and 0 < args.fps <= MAX_CLI_FPS):
+        raise StreamgraphError(f"--fps must be a number of frames per second in (0, {MAX_CLI_FPS:g}], got {args.fps:g}")
+    target = Path(args.target)
+    if not target.exists():
+        raise StreamgraphError(f"{target}: no such graph file or bundle directory")
+    bundle = str(_compile(target, None, False, _console()).path) if target.is_file() else str(target)
+    return run_cluster(bundle, address=args.address, actors=args.actors, threads=args.threads, fps=args.fps,
+                       placement=args.placement, reserve_actors=args.reserve_actors,
+                       probe_seconds=args.probe_seconds, memory_gb=args.memory_gb, videos=list(args.video or []),
+                       host=args.host, port=args.port, token=args.token)
+
+
 def cmd_make_suite(args) -> int:
     from streamgraph.streamqa.scene import EpisodeParams
     from streamgraph.streamqa.suite import write_suite
@@ -786,6 +806,29 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (access log at info)")
     sv.set_defaults(func=cmd_serve)
+
+    cl = sub.add_parser("cluster", help="streams over StreamWorker actors on a Ray cluster: placement from each "
+                                        "actor's measured capacity, admission control, failover, /metrics "
+                                        "(docs/cluster.md; needs the ray extra)")
+    cl.add_argument("target", help="graph .yaml (compiled first) or bundle directory, at the same path on every node")
+    cl.add_argument("--address", default="local",
+                    help="Ray cluster: 'local' starts one on this machine (default), 'auto' or HOST:PORT joins one")
+    cl.add_argument("--actors", type=int, default=4, help="StreamWorker actors (one per node or device; default 4)")
+    cl.add_argument("--threads", type=int, default=1, help="intra-op threads (and Ray CPUs) per actor (default 1)")
+    cl.add_argument("--fps", type=float, help="frames per second of every stream (default: the graph's)")
+    cl.add_argument("--placement", default="plan", choices=["plan", "round_robin"],
+                    help="plan: by each actor's planned capacity (default); round_robin: in turn")
+    cl.add_argument("--reserve-actors", type=int, default=0,
+                    help="keep the slots of this many actors free so their streams can fail over (N+k)")
+    cl.add_argument("--probe-seconds", type=float, default=3.0, help="each actor measures its frame costs this long")
+    cl.add_argument("--memory-gb", type=float, help="memory budget per actor, declared to Ray (default: the node's)")
+    cl.add_argument("--video", "--source", action="append", dest="video", metavar="[ID=]SOURCE",
+                    help="admit a stream at launch: 'synthetic[:SEED]', a video file (replayed as a camera) or a "
+                         "live URL/device/pipe; repeat for several")
+    cl.add_argument("--host", default="127.0.0.1", help="address of the HTTP endpoint (off loopback needs --token)")
+    cl.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    cl.add_argument("--token", help="API token (default $STREAMGRAPH_API_TOKEN); required off loopback")
+    cl.set_defaults(func=cmd_cluster)
 
     cp = sub.add_parser("capacity", help="predict how many identical streams this machine serves within the "
                                          "deadline, and which resource binds (CPU time or memory)")
