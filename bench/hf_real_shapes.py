@@ -164,7 +164,8 @@ def main() -> int:
     def step_inputs(t: int, embeds: np.ndarray) -> dict:
         return {"inputs_embeds": embeds, "positions": (filled + np.arange(t, dtype=np.int64))[None],
                 "token_valid": np.ones((1, t), bool), "kv_cache": kv, "cache_positions": cache_positions,
-                "cache_valid": cache_valid}
+                "cache_valid": cache_valid, "window_valid": cache_valid,
+                "streaming_heads": np.zeros((plan.kv.shape[0], plan.kv.shape[3]), bool)}
 
     frame_embeds = (0.5 * rng.standard_normal((1, k, c))).astype(fdt)
     token = np.array([[1234]], dtype=np.int64)

@@ -118,7 +118,8 @@ def probe_hidden(session: Session, text_ids: list[int]) -> np.ndarray:
     out = session.backend.run("decoder_step", {
         "inputs_embeds": embeds, "positions": step.positions[None], "token_valid": np.ones((1, t), bool),
         "kv_cache": session.kv.data, "cache_positions": step.cache_positions[None],
-        "cache_valid": step.cache_valid[None]})
+        "cache_valid": step.cache_valid[None], "window_valid": step.cache_valid[None],
+        "streaming_heads": np.zeros((session.kv.data.shape[0], session.kv.data.shape[3]), bool)})
     return out["last_hidden"][0]
 
 

@@ -263,7 +263,8 @@ def test_float16_engines_run_on_onnxruntime_cpu(hf_checkpoint, tmp_path):
     logits = sess["decoder_step"].run(None, {
         "inputs_embeds": emb, "positions": np.arange(t)[None], "token_valid": np.ones((1, t), bool),
         "kv_cache": np.zeros(plan.kv.shape, np.float16), "cache_positions": np.zeros((1, 32), np.int64),
-        "cache_valid": np.zeros((1, 32), bool)})[0]
+        "cache_valid": np.zeros((1, 32), bool), "window_valid": np.zeros((1, 32), bool),
+        "streaming_heads": np.zeros((plan.kv.shape[0], plan.kv.shape[3]), bool)})[0]
     assert logits.dtype == np.float32
     err = np.abs(logits[0] - ref[-1]).max()
     assert err < 2e-2 * max(1.0, np.abs(ref[-1]).max()), err

@@ -708,6 +708,7 @@ def test_query_mean_engine_output_ort_matches_torch(onnx_bundle):
              "positions": np.arange(40, 45)[None], "token_valid": np.array([[1, 1, 1, 0, 0]], bool),
              "kv_cache": rng.standard_normal(spec.inputs[3].shape).astype(np.float32),
              "cache_positions": np.arange(s)[None], "cache_valid": rng.random((1, s)) < 0.3}
+    feeds.update(window_valid=feeds["cache_valid"], streaming_heads=np.zeros(np.array(spec.inputs[3].shape)[[0, 3]], bool))
     a = OnnxRuntimeBackend(bundle).run("decoder_step", feeds)
     b = TorchBackend(bundle).run("decoder_step", feeds)
     assert a["query_mean"].shape == tuple(spec.outputs[3].shape)

@@ -254,7 +254,15 @@ class DecoderStep(nn.Module):
       * ``token_valid [B,T]`` bool — invalid (padding / masked) tokens are never attended to;
       * ``kv_cache [L,2,B,Hkv,S,Dh]`` float — un-rotated keys (index 0) and values (index 1);
       * ``cache_positions [B,S]`` int64 — RoPE position of each slot;
-      * ``cache_valid [B,S]`` bool — which slots are visible to the new tokens.
+      * ``cache_valid [B,S]`` bool — which slots are visible to the new tokens (to every head
+        that is not a streaming head);
+      * ``window_valid [B,S]`` bool (optional) — which slots a streaming head sees
+        (DuoAttention: attention sinks + the recent window); default ``cache_valid``;
+      * ``streaming_heads [L,Hkv]`` bool (optional) — True for a streaming KV head; the query
+        heads of its GQA group see ``window_valid``, every other head ``cache_valid``
+        (DuoAttention, Xiao et al., ICLR 2025, mit-han-lab/duo-attention). Default: none.
+        With all False the outputs equal those without the two inputs, bit for bit (same
+        boolean mask).
 
     Outputs:
       * ``logits [B,V]`` float32 — for the last valid token of the chunk;
@@ -267,9 +275,10 @@ class DecoderStep(nn.Module):
         ``ContextManager._calc_block_topk``: the raw ``h_q`` of the question averaged over
         its tokens; techniques.md section 5.3).
 
-    Semantics: each new token attends to every valid cache slot and causally to the valid
-    tokens of its own chunk (and always to itself, so no softmax row is empty). The last
-    valid token is the one at index ``sum(token_valid) - 1`` (valid tokens form a prefix).
+    Semantics: each new token attends to every cache slot its head sees (``cache_valid``, or
+    ``window_valid`` for a streaming head) and causally to the valid tokens of its own chunk
+    (and always to itself, so no softmax row is empty). The last valid token is the one at
+    index ``sum(token_valid) - 1`` (valid tokens form a prefix).
     """
 
     def __init__(self, model: Qwen2Model, lm_head: nn.Linear, cfg: TextConfig):
@@ -281,7 +290,8 @@ class DecoderStep(nn.Module):
         self.register_buffer("inv_freq", inv.to(torch.float32), persistent=False)
 
     def forward(self, inputs_embeds: Tensor, positions: Tensor, token_valid: Tensor,
-                kv_cache: Tensor, cache_positions: Tensor, cache_valid: Tensor):
+                kv_cache: Tensor, cache_positions: Tensor, cache_valid: Tensor,
+                window_valid: Tensor | None = None, streaming_heads: Tensor | None = None):
         cfg = self.cfg
         b, t, _ = inputs_embeds.shape
         s = kv_cache.shape[4]
@@ -296,6 +306,7 @@ class DecoderStep(nn.Module):
         chunk_mask = causal[None] & (token_valid[:, None, :] | eye[None])      # [B, T, T]
         cache_mask = cache_valid[:, None, :].expand(b, t, s)                   # [B, T, S]
         mask = torch.cat([cache_mask, chunk_mask], dim=-1)[:, None]            # [B, 1, T, S+T]
+        wv = cache_valid if window_valid is None else window_valid             # [B, S]
         neg = torch.finfo(torch.float32).min
         scale = 1.0 / math.sqrt(dh)
 
@@ -318,7 +329,14 @@ class DecoderStep(nn.Module):
             k_all = k_all[:, :, None].expand(b, nkv, rep, s + t, dh).reshape(b, nh, s + t, dh)
             v_all = v_all[:, :, None].expand(b, nkv, rep, s + t, dh).reshape(b, nh, s + t, dh)
             scores = torch.matmul(q, k_all.transpose(-1, -2)).float() * scale
-            scores = scores.masked_fill(~mask, neg)
+            if streaming_heads is None:
+                m = mask
+            else:   # per KV head: window_valid for a streaming head, else cache_valid
+                sh = streaming_heads[li][None, :, None]                        # [1, Hkv, 1]
+                hc = (sh & wv[:, None, :]) | (~sh & cache_valid[:, None, :])   # [B, Hkv, S] (no bool Where in ORT)
+                hc = hc[:, :, None, None, :].expand(b, nkv, rep, t, s).reshape(b, nh, t, s)
+                m = torch.cat([hc, chunk_mask[:, None].expand(b, nh, t, t)], dim=-1)  # [B, H, T, S+T]
+            scores = scores.masked_fill(~m, neg)
             probs = torch.softmax(scores, dim=-1).to(v_all.dtype)
             out = torch.matmul(probs, v_all).transpose(1, 2).reshape(b, t, nh * dh)
             h = h + attn.o_proj(out)
