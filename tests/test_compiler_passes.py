@@ -42,7 +42,7 @@ def graph_text(reducer: str = "topk_saliency", encoder: str = "vision_encoder") 
 def test_pipeline_is_listed_in_order_and_run_by_one_driver(tmp_path):
     names = [p.__name__ for p in passes.PIPELINE]
     assert names == ["parse_spec", "model_config", "add_nodes", "check_acyclic", "check_ports", "check_chain",
-                     "infer_shapes", "check_cache", "build_modules", "plan_cache_layout", "plan_memory",
+                     "infer_shapes", "check_cache", "plan_cache_layout", "build_modules", "plan_memory",
                      "lower", "write_bundle"]
     path = tmp_path / "g.yaml"
     path.write_text(graph_text("dtd"))
@@ -73,6 +73,33 @@ def test_plan_errors_keep_their_location(tmp_path):
     with pytest.raises(streamgraph.errors.GraphError) as info:
         check_graph(path, build_weights=False)
     assert info.value.field == "nodes.cache.window_tokens" and info.value.line == 10
+
+
+def test_graph_and_cache_errors_come_before_torch(tmp_path):
+    """Every pass before build_modules is torch-free: a broken graph fails before torch loads."""
+    cycle = graph_text().replace("input: encoder", "input: pruner")
+    bad_cache = graph_text().replace("window_tokens: 256", "window_tokens: 20")
+    code = textwrap.dedent(f"""
+        import sys, json
+        sys.modules["torch"] = None
+        from streamgraph.compiler.compile import check_graph
+        from streamgraph.errors import StreamgraphError
+        out = []
+        for name, text in [("cycle", {cycle!r}), ("cache", {bad_cache!r})]:
+            path = {str(tmp_path)!r} + "/" + name + ".yaml"
+            open(path, "w").write(text)
+            try:
+                check_graph(path, build_weights=False)
+                out.append("no error")
+            except StreamgraphError as e:
+                out.append([type(e).__name__, e.line, e.field, e.message])
+        print(json.dumps(out))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (cycle_err, cache_err) = json.loads(res.stdout.strip().splitlines()[-1])
+    assert cycle_err[:3] == ["GraphError", 9, "nodes.pruner.input"] and "cycle in the graph" in cycle_err[3]
+    assert cache_err[:3] == ["GraphError", 10, "nodes.cache.window_tokens"]
 
 
 @pytest.mark.parametrize("op", PLUGINS)

@@ -22,10 +22,11 @@ pass                    reads -> writes
 ``infer_shapes``        -> ``g.nodes[n]["shape"]``, ``["tokens_per_frame"]``,
                         ``["max_frame_tokens"]``
 ``check_cache``         -> ``g.nodes[cache]["capacity"]``
+``plan_cache_layout``   -> ``g.nodes[cache]["layout"]`` (slots, regions, bytes, host bytes),
+                        ``g.nodes[cache]["entry"]`` (the plan's ``{"op", "params"}``)
 ``build_modules``       -> ``["model"]`` (torch; ``meta`` device unless ``build_weights``),
                         ``["modules"]`` (engine -> torch module), ``g.nodes[n]["entry"]``
-                        (the plan's ``{"op", "params", ...}`` of the encoder, reducer, cache)
-``plan_cache_layout``   -> ``g.nodes[cache]["layout"]`` (slots, regions, bytes, host bytes)
+                        (the plan's ``{"op", "params", ...}`` of the encoder and reducer)
 ``plan_memory``         -> ``["plan"]`` (:class:`~streamgraph.compiler.plan.Plan`: engine
                         I/O, KV buffer, memory by part, checked against ``budget.memory_mb``)
 ``lower``               ``["out"]`` -> ``engines/*.onnx`` (target ``onnx``; torch export)
@@ -34,7 +35,10 @@ pass                    reads -> writes
 
 Every error a pass raises is located in the graph file (``FILE:LINE:COL: FIELD: MESSAGE``):
 spec and graph errors by construction, plan errors at the cache parameter at fault or at
-``budget.memory_mb``.
+``budget.memory_mb``. The passes up to ``plan_cache_layout`` import no torch, so a graph that
+fails any of them fails before torch loads (``streamgraph validate`` on a broken graph);
+``build_modules`` is the first that needs torch (weight bytes and reducer I/O from the
+modules, on the ``meta`` device).
 """
 from __future__ import annotations
 
@@ -85,8 +89,8 @@ def parse_spec(g: nx.DiGraph) -> None:
 
 def model_config(g: nx.DiGraph) -> None:
     """The model's config (a preset's, or a checkpoint's ``config.json``), and the N, C and
-    token grid the shape rules need."""
-    from streamgraph.models.build import model_config as config_of
+    token grid the shape rules need. Torch-free: the graph checks run before torch loads."""
+    from streamgraph.models.source import model_config as config_of
 
     cfg = config_of(g.graph["spec"])
     g.graph["cfg"] = cfg
@@ -105,8 +109,8 @@ def _params(node) -> dict:
 def build_modules(g: nx.DiGraph) -> None:
     """The torch model (on the ``meta`` device unless ``g.graph["build_weights"]``: exact
     shapes and weight bytes, no weights read) and the module of every engine; the plan
-    entries of the encoder (with reuse), the reducer (budget buckets, state names, whether a
-    frame is sent whole) and the cache policy."""
+    entries of the encoder (with reuse) and the reducer (budget buckets, state names, whether
+    a frame is sent whole). The first pass that imports torch."""
     from streamgraph.compiler.lower import engine_modules
     from streamgraph.models.build import build_model
 
@@ -131,7 +135,6 @@ def build_modules(g: nx.DiGraph) -> None:
         g.nodes[pg.reducer]["entry"] = reducer
     if encoder is not None:
         g.nodes[pg.encoder]["entry"] = encoder
-    g.nodes[pg.cache]["entry"] = {"op": nodes[pg.cache].op, "params": _params(nodes[pg.cache])}
     g.graph.update(model=model, modules=modules, budgets=budgets)
 
 
@@ -147,11 +150,13 @@ def _located_plan_error(g: nx.DiGraph, e: PlanError | ShapeError):
 def plan_cache_layout(g: nx.DiGraph) -> None:
     """The cache policy's layout in the one KV buffer: slots, regions, bytes, host bytes and
     the policy's facts (:func:`~streamgraph.compiler.plan.cache_layout`, computed by the
-    policy's own file in :mod:`streamgraph.kv`)."""
+    policy's own file in :mod:`streamgraph.kv`); ``g.nodes[cache]["entry"]`` is the plan's
+    ``{"op", "params"}`` of the policy. Torch-free."""
     from streamgraph.compiler.plan import cache_layout
 
     spec, cache = g.graph["spec"], g.graph["cache"]
-    entry = g.nodes[cache]["entry"]
+    entry = {"op": spec.nodes[cache].op, "params": _params(spec.nodes[cache])}
+    g.nodes[cache]["entry"] = entry
     ctx = cache_context(g, max(g.graph["tokens_per_frame"], g.graph["max_frame_tokens"]))
     try:
         g.nodes[cache]["layout"] = cache_layout(entry["op"], entry["params"], ctx, g.graph["cfg"],
@@ -260,7 +265,7 @@ def _hf_assets(spec, out: Path) -> dict:
     import torch
 
     from streamgraph.contract import DTYPES
-    from streamgraph.models.build import hf_checkpoint
+    from streamgraph.models.source import hf_checkpoint
     from streamgraph.models.hf import prompt_format, read_tensor
 
     ckpt = hf_checkpoint(spec)
@@ -279,7 +284,7 @@ def _hf_assets(spec, out: Path) -> dict:
 #: Parse, check and plan: everything before export (``streamgraph validate``).
 CHECK: tuple[Pass, ...] = (parse_spec, model_config,
                            *GRAPH_PASSES,  # add_nodes, check_acyclic, check_ports, check_chain, infer_shapes, check_cache
-                           build_modules, plan_cache_layout, plan_memory)
+                           plan_cache_layout, build_modules, plan_memory)
 #: Export and write the bundle (into ``g.graph["out"]``, a temporary directory).
 EMIT: tuple[Pass, ...] = (lower, write_bundle)
 #: The whole compile pipeline, in order.
