@@ -13,9 +13,12 @@ from typing import Any
 
 from typing_extensions import TypedDict  # pydantic validates these on Python < 3.12 only from here
 
-from streamgraph.contract import (DTYPES, EMBED_TOKENS, ENCODER_REFS, INPUT_IDS, INPUTS_EMBEDS, KEEP_MASK,
-                                  PIXEL_VALUES, SOURCE_INDEX, TOKENS, VISION_ENCODER, VISION_ENCODER_REUSE,
-                                  VISUAL_TOKENS, engine_file, reducer_engine)
+from streamgraph.contract import (CACHE_POSITIONS, CACHE_VALID, DECODER_STEP, DECODER_STEP_INPUTS,
+                                  DECODER_STEP_OUTPUTS, DTYPES, EMBED_TOKENS, ENCODER_REFS, INPUT_IDS,
+                                  INPUTS_EMBEDS, KEEP_MASK, KV_CACHE, LAST_HIDDEN, LOGITS, NEW_KV,
+                                  PIXEL_VALUES, POSITIONS, QUERY_MEAN, SOURCE_INDEX, STREAMING_HEADS,
+                                  TOKEN_VALID, TOKENS, VISION_ENCODER, VISION_ENCODER_REUSE, VISUAL_TOKENS,
+                                  WINDOW_VALID, engine_file, reducer_engine)
 from streamgraph.errors import PlanError
 
 MiB = 1024 * 1024
@@ -269,18 +272,19 @@ def make_plan(*, cfg, reducer: dict | None, tokens_per_frame: int, cache: dict,
         EMBED_TOKENS, engine_file(EMBED_TOKENS),
         [TensorSpec(INPUT_IDS, i64, [b, "T"])], [TensorSpec(INPUTS_EMBEDS, f, [b, "T", c])],
         dims={"T": [1, t_max]}, weights_bytes=engine_weight_bytes.get(EMBED_TOKENS, 0))
-    engines["decoder_step"] = EnginePlan(
-        "decoder_step", "engines/decoder_step.onnx",
-        [TensorSpec("inputs_embeds", f, [b, "T", c]), TensorSpec("positions", i64, [b, "T"]),
-         TensorSpec("token_valid", bl, [b, "T"]), TensorSpec("kv_cache", f, kv_shape),
-         TensorSpec("cache_positions", i64, [b, cap]), TensorSpec("cache_valid", bl, [b, cap]),
-         TensorSpec("window_valid", bl, [b, cap]),
-         TensorSpec("streaming_heads", bl, [x.num_hidden_layers, x.num_key_value_heads])],
-        [TensorSpec("logits", "float32", [b, x.vocab_size]),
-         TensorSpec("new_kv", f, [x.num_hidden_layers, 2, b, x.num_key_value_heads, "T", x.head_dim]),
-         TensorSpec("last_hidden", f, [b, c]),
-         TensorSpec("query_mean", "float32", [x.num_hidden_layers, b, x.num_attention_heads, x.head_dim])],
-        dims={"T": [1, t_max]}, weights_bytes=engine_weight_bytes.get("decoder_step", 0),
+    # decoder_step's I/O in the contract's engine order (contract.DECODER_STEP_INPUTS/_OUTPUTS)
+    dec_in = {INPUTS_EMBEDS: (f, [b, "T", c]), POSITIONS: (i64, [b, "T"]), TOKEN_VALID: (bl, [b, "T"]),
+              KV_CACHE: (f, kv_shape), CACHE_POSITIONS: (i64, [b, cap]), CACHE_VALID: (bl, [b, cap]),
+              WINDOW_VALID: (bl, [b, cap]), STREAMING_HEADS: (bl, [x.num_hidden_layers, x.num_key_value_heads])}
+    dec_out = {LOGITS: ("float32", [b, x.vocab_size]),
+               NEW_KV: (f, [x.num_hidden_layers, 2, b, x.num_key_value_heads, "T", x.head_dim]),
+               LAST_HIDDEN: (f, [b, c]),
+               QUERY_MEAN: ("float32", [x.num_hidden_layers, b, x.num_attention_heads, x.head_dim])}
+    engines[DECODER_STEP] = EnginePlan(
+        DECODER_STEP, engine_file(DECODER_STEP),
+        [TensorSpec(name, *dec_in[name]) for name in DECODER_STEP_INPUTS],
+        [TensorSpec(name, *dec_out[name]) for name in DECODER_STEP_OUTPUTS],
+        dims={"T": [1, t_max]}, weights_bytes=engine_weight_bytes.get(DECODER_STEP, 0),
         activations_bytes=_decoder_activation_bytes(cfg, b, t_max, cap))
 
     weights = sum(e.weights_bytes for e in engines.values())
