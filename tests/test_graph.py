@@ -147,7 +147,7 @@ def test_port_type_mismatch():
     assert_at(err, 8, 40, "nodes.encoder.input", "produces Text", "needs Frames")
     err = graph_error(edit("cache: cache,", "cache: pruner,"))
     assert_at(err, 11, 57, "nodes.llm.cache", "'pruner' (topk_saliency node) produces "
-              "VisualTokens, but decoder needs CachePolicy (a carrier, full, rekv, sink_window or "
+              "VisualTokens, but decoder needs CachePolicy (a carrier, duo, full, rekv, sink_window or "
               "streaming_vlm node)")
     err = graph_error(edit("[pruner, query]", "[pruner, cache]"))
     assert_at(err, 11, 42, "nodes.llm.input[1]", "'cache' (sink_window node) produces "
@@ -255,6 +255,8 @@ def node_dicts(draw):
         elif op == "sink_window":
             body = {"op": op, "sink_tokens": draw(st.integers(0, 8)),
                     "window_tokens": draw(st.integers(1, 200))}
+        elif op == "duo":
+            body = {"op": op, "capacity_tokens": draw(st.integers(1, 200)), "sparsity": 0.5}
         elif op in ("streaming_vlm", "rekv", "carrier"):
             body = draw(new_cache_nodes(op))
         else:

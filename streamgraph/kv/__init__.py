@@ -3,7 +3,7 @@
 ``kv/base.py`` holds what every policy shares (:class:`KVBuffer`, :class:`StepPlan`,
 :class:`CachePolicy`, :class:`ChunkKind`, :class:`CacheLayout`, the registry
 :data:`POLICIES`); each policy file (``full``, ``sink_window``, ``streaming_vlm``, ``rekv``,
-``carrier``) holds its graph node, its layout, its policy class and its
+``carrier``, ``duo``) holds its graph node, its layout, its policy class and its
 registration. Importing this package registers every policy with the compiler's op registry
 too. Torch-free.
 """
@@ -19,11 +19,12 @@ from streamgraph.kv.sink_window import SinkWindowCache, SinkWindowNode
 from streamgraph.kv.streaming_vlm import StreamingVLMCache, StreamingVLMNode
 from streamgraph.kv.rekv import BlockStore, RekvCache, RekvNode
 from streamgraph.kv.carrier import CarrierCache, CarrierNode
+from streamgraph.kv.duo import DuoCache, DuoNode
 
 __all__ = ["POLICIES", "CacheLayout", "CachePolicy", "ChunkKind", "KVBuffer", "KVDims", "PolicySpec", "Region",
            "StepPlan", "register_policy", "make_policy", "FullCache", "FullNode", "SinkWindowCache",
            "SinkWindowNode", "StreamingVLMCache", "StreamingVLMNode", "BlockStore", "RekvCache", "RekvNode",
-           "CarrierCache", "CarrierNode"]
+           "CarrierCache", "CarrierNode", "DuoCache", "DuoNode"]
 
 
 def make_policy(plan_or_op: Any, params: dict | None = None, plan: Any = None, *,

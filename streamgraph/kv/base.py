@@ -11,7 +11,7 @@ policy commits. Policies that move KV between regions or to host memory (ReKV) g
 device-resident buffer works the same.
 
 A policy is one file of this package (``kv/full.py``, ``kv/sink_window.py``,
-``kv/streaming_vlm.py``, ``kv/rekv.py``, ``kv/carrier.py``) holding its
+``kv/streaming_vlm.py``, ``kv/rekv.py``, ``kv/carrier.py``, ``kv/duo.py``) holding its
 parameters (the graph node), its layout (regions, bytes, host bytes: the ONE function the
 compiler's plan and the runtime class both read), its policy class and its registration: the
 compiler's :class:`~streamgraph.compiler.ops.OpInfo` and a :class:`PolicySpec` in

@@ -56,7 +56,7 @@ class FullCache(CachePolicy):
         used = self.tokens_seen
         if used + n_valid > self.capacity:
             raise CapacityError(
-                f"KV cache full: policy 'full' has {self.capacity} slots, {used} in use, and the next "
+                f"KV cache full: policy {self.name!r} has {self.capacity} slots, {used} in use, and the next "
                 f"chunk needs {n_valid}; raise capacity_tokens or use an evicting policy (sink_window)")
         rel = np.arange(n_valid, dtype=np.int64) if offsets is None else np.asarray(offsets, np.int64)
         positions = self.next_position + rel
