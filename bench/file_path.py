@@ -20,7 +20,8 @@ Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/file_path.py [--policies full,sink_window,rekv]
 
-Prints a table and writes ``bench/results/file_path.json``.
+Prints a table and writes ``bench/results/file_path.json`` (with the counts this script
+measured on f9ced56, before the runtime split: ``bench/results/file_path_before.json``).
 """
 from __future__ import annotations
 
@@ -42,12 +43,6 @@ sys.path.insert(0, str(REPO))
 PKG = str(REPO / "streamgraph")
 GRAPH = REPO / "graphs" / "streamqa.yaml"
 #: cache parameters of bench/streamqa_sweep.yaml (144 slots = 25 % of full's KV bytes)
-#: measured before the runtime split (issue #14; HEAD f9ced56, build/streamqa-tiny, full cache)
-BEFORE = {"push_frame": {"files": 10, "entered": ["runtime/session.py", "runtime/stream.py", "runtime/clock.py",
-                                                  "runtime/scheduler.py", "runtime/reduction.py",
-                                                  "runtime/preprocess.py", "runtime/guard.py",
-                                                  "backends/onnxruntime.py", "runtime/kv.py", "runtime/metrics.py"]},
-          "ask": {"files": 7}, "run": {"files": 13, "note": "the issue's count, video file to answer"}}
 CACHES = {"full": {"capacity_tokens": 576},
           "sink_window": {"sink_tokens": 8, "window_tokens": 136},
           "rekv": {"init_tokens": 8, "local_tokens": 32, "topk": 2, "question_tokens": 72}}
@@ -93,7 +88,10 @@ def bundle_for(policy: str, build: Path, target: str = "onnx") -> Path:
 def measure(bundle: Path, backend: str = "onnxruntime") -> dict:
     """The three traces of one bundle: ``{"push_frame": [...], "ask": [...], "run": [...]}``."""
     from streamgraph.runtime import sources
-    from streamgraph.runtime.stream import Question, StreamRunner
+    try:
+        from streamgraph.runtime.stream import Question, StreamRunner
+    except ImportError:          # before the runtime split (f9ced56: runner.py)
+        from streamgraph.runtime.runner import Question, StreamRunner
     from streamgraph.runtime.session import Session
 
     s = Session.open(bundle, backend, overload="fifo")
@@ -130,6 +128,17 @@ def _demo_video() -> Path:
     return vids[0]
 
 
+def _before() -> dict | None:
+    """Counts measured by this script on f9ced56, before the runtime split
+    (``bench/results/file_path_before.json``)."""
+    p = REPO / "bench" / "results" / "file_path_before.json"
+    if not p.exists():
+        return None
+    d = json.loads(p.read_text())
+    return {"commit": d.get("commit"), **{pol: {k: r[k]["files"] for k in ("push_frame", "ask", "run")}
+                                          for pol, r in d["results"].items()}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policies", default="full,sink_window,rekv")
@@ -142,15 +151,18 @@ def main(argv=None) -> int:
         bundle = bundle_for(policy, Path(args.build))
         rows[policy] = {"bundle": str(bundle), **measure(bundle)}
         rows[policy]["seconds"] = round(time.perf_counter() - t0, 1)
-    print(f"{'cache':<12} {'push_frame':>10} {'ask':>5} {'run':>5}")
+    before = _before() or {}
+    print(f"{'cache':<12} {'push_frame':>10} {'ask':>5} {'run':>5}   (before the split, {before.get('commit')})")
     for policy, r in rows.items():
-        print(f"{policy:<12} {len(r['push_frame']):>10} {len(r['ask']):>5} {len(r['run']):>5}")
+        b = before.get(policy, {})
+        print(f"{policy:<12} {len(r['push_frame']):>10} {len(r['ask']):>5} {len(r['run']):>5}   "
+              f"({b.get('push_frame')}, {b.get('ask')}, {b.get('run')})")
     for policy, r in rows.items():
         for k in ("push_frame", "ask", "run"):
             print(f"  {policy} {k}: {', '.join(r[k])}")
     out = {"method": "sys.setprofile + threading.setprofile: files under streamgraph/ whose functions ran "
                      "(dataclass-generated __init__ is '<string>', not counted)",
-           "before": BEFORE,
+           "before": _before(),
            "graph": str(GRAPH.relative_to(REPO)), "caches": CACHES, "backend": "onnxruntime",
            "machine": platform.platform(), "python": platform.python_version(),
            "threads": os.environ.get("OMP_NUM_THREADS"),
