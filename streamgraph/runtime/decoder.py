@@ -101,7 +101,7 @@ class GuardedBackend:
 
     def __init__(self, backend):
         self.backend = backend
-        self._own_kv = _overrides(backend, "decoder_step")
+        self._own_kv = _overrides(backend, "decoder_step") or _overrides(backend, "commit_kv")
         self._own_alloc = _overrides(backend, "alloc_kv")
         self._pending: np.ndarray | None = None
 

@@ -100,7 +100,7 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """The records of a JSON Lines file written by :class:`RecordWriter` (a torn last line,
+    """The records of a JSON Lines file written by :class:`~streamgraph.runtime.stream.RecordWriter` (a torn last line,
     from a process killed mid-write, is skipped)."""
     out = []
     with open(path, encoding="utf-8") as f:
