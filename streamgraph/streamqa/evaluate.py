@@ -114,7 +114,7 @@ def base_document(graph: str | Path) -> dict:
 
 def _nodes_by_kind(doc: dict) -> tuple[str | None, str | None, str | None, str | None]:
     """(encoder node, reducer node, cache node, decoder node) names of a graph document."""
-    from streamgraph.compiler.ops import OPS
+    from streamgraph.compiler.spec import OPS  # the full registry: spec imports the plugin packages
 
     enc = red = cache = dec = None
     for name, node in (doc.get("nodes") or {}).items():
