@@ -110,7 +110,10 @@ class Cluster:
     (declared to Ray as its ``memory``; default: the node's available memory);
     ``actor_cpus``: per actor, CPU cores to pin it to (emulating unequal nodes on one
     machine; None: no pinning); ``heartbeat_s``: the controller's polling period;
-    ``dead_after_s``: a silent actor is declared dead (and killed) after this long.
+    ``dead_after_s``: a silent actor is declared dead (and killed) after this long;
+    ``on_actors(info)``: called with every actor's :meth:`StreamWorker.info
+    <streamgraph.cluster.worker.StreamWorker.info>` (pid, node, ...) once they run and before
+    they measure their capacity (to give them CPU limits, say).
 
     Call :meth:`start` (or use it as a context manager), then :meth:`add_stream`. Ray must
     be initialised by the caller (``ray.init(...)``). Raises ValueError for bad options."""
@@ -119,7 +122,7 @@ class Cluster:
                  placement: str = "plan", reserve_actors: int = 0, probe_seconds: float = 2.0,
                  miss_rate: float = 0.01, memory_gb: float | None = None, backend: str = "onnxruntime",
                  actor_cpus: list | None = None, heartbeat_s: float = 0.25, dead_after_s: float = 10.0,
-                 history: int = 256, probe_sessions: int = 4):
+                 history: int = 256, probe_sessions: int = 4, on_actors=None):
         for name, v in (("actors", actors), ("threads", threads)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -131,6 +134,7 @@ class Cluster:
         self.probe_seconds, self.miss_rate, self.memory_gb = probe_seconds, miss_rate, memory_gb
         self.actor_cpus, self.heartbeat_s, self.dead_after_s = actor_cpus, heartbeat_s, dead_after_s
         self.history, self.probe_sessions = history, probe_sessions
+        self.on_actors = on_actors
         if fps is None:
             from streamgraph.compiler.bundle import open_bundle
 
@@ -174,6 +178,8 @@ class Cluster:
                                                               threads=self.threads, cpus=cpus, history=self.history)
         infos = ray.get([h.info.remote() for h in self.handles.values()], timeout=timeout_s)
         self.actor_info = {i["actor"]: i for i in infos}
+        if self.on_actors is not None:                 # e.g. put each actor's process in a cgroup
+            self.on_actors(self.actor_info)
         start = time.time() + 0.5
         plans = ray.get([h.measure.remote(self.fps, probe_seconds=self.probe_seconds, start_epoch=start,
                                           miss_rate=self.miss_rate, memory_bytes=memory,

@@ -59,6 +59,8 @@ class ActorPlan:
     threads: int | None = None
     frame_ms: dict = field(default_factory=dict)
     cpu_binds: str = ""
+    first_pass: dict = field(default_factory=dict)
+    second_pass: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
