@@ -330,13 +330,14 @@ class DecoderStep(nn.Module):
             v_all = v_all[:, :, None].expand(b, nkv, rep, s + t, dh).reshape(b, nh, s + t, dh)
             scores = torch.matmul(q, k_all.transpose(-1, -2)).float() * scale
             if streaming_heads is None:
-                m = mask
+                scores = scores.masked_fill(~mask, neg)
             else:   # per KV head: window_valid for a streaming head, else cache_valid
                 sh = streaming_heads[li][None, :, None]                        # [1, Hkv, 1]
                 hc = (sh & wv[:, None, :]) | (~sh & cache_valid[:, None, :])   # [B, Hkv, S] (no bool Where in ORT)
-                hc = hc[:, :, None, None, :].expand(b, nkv, rep, t, s).reshape(b, nh, t, s)
-                m = torch.cat([hc, chunk_mask[:, None].expand(b, nh, t, t)], dim=-1)  # [B, H, T, S+T]
-            scores = scores.masked_fill(~m, neg)
+                m = torch.cat([hc[:, :, None, :].expand(b, nkv, t, s),
+                               chunk_mask[:, None].expand(b, nkv, t, t)], dim=-1)  # [B, Hkv, T, S+T]
+                # scores viewed per KV head and GQA group: the mask broadcasts over the group
+                scores = scores.view(b, nkv, rep, t, s + t).masked_fill(~m[:, :, None], neg).view(b, nh, t, s + t)
             probs = torch.softmax(scores, dim=-1).to(v_all.dtype)
             out = torch.matmul(probs, v_all).transpose(1, 2).reshape(b, t, nh * dh)
             h = h + attn.o_proj(out)
