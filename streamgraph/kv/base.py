@@ -201,9 +201,12 @@ class CachePolicy(ABC):
 
         ``offsets [n_valid]`` (optional) are position offsets of the valid tokens relative to
         the chunk start, for reducers run with ``positions: keep``; policies that renumber
-        positions contiguously ignore them. ``kind`` says what the chunk is (see the module
-        docstring); ``full`` and ``sink_window`` ignore it. Raises :class:`CapacityError`
-        when the chunk cannot be placed.
+        positions contiguously ignore them. ``kind`` says what the chunk is
+        (:class:`ChunkKind` or its name; ``full``, ``sink_window`` and ``duo`` treat every
+        kind as a stream token and also accept None). Returns ``StepPlan`` with arrays of
+        ``[chunk_len]`` (write slots, positions) and ``[S]`` (cache positions, visibility).
+        Raises :class:`CapacityError` when the chunk cannot be placed and ValueError for an
+        unknown kind.
         """
 
     def commit(self, plan: StepPlan, outputs: dict[str, np.ndarray] | None = None) -> None:
