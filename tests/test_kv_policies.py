@@ -170,3 +170,42 @@ def test_short_window_matches_brute_force_streaming_llm(tmp_path, sink, window):
     for i, (t, r) in enumerate(zip(s.trace, ref)):
         err = np.abs(t["logits"] - r).max()
         assert err < 1e-4, f"step {i} ({t['kind']}): {err:.3g}"
+
+
+def test_every_policy_matches_every_chunk_kind_and_rejects_unknown_ones():
+    """ChunkKind is the one list of kinds; each policy plans a chunk of every kind (rekv's
+    question kinds after prepare_question) and names itself in a one-line error for an
+    unknown kind."""
+    from streamgraph.kv import POLICIES, ChunkKind, DuoCache
+    from streamgraph.kv.carrier import CarrierCache
+    from streamgraph.kv.rekv import RekvCache
+    from streamgraph.kv.streaming_vlm import StreamingVLMCache
+
+    assert [k.value for k in ChunkKind] == ["prefix", "frame", "retrieval", "video_end", "question", "decode",
+                                            "resume"]
+    assert set(POLICIES) == {"full", "sink_window", "streaming_vlm", "rekv", "carrier", "duo"}
+    make = {"full": lambda: FullCache(200), "sink_window": lambda: SinkWindowCache(2, 40),
+            "streaming_vlm": lambda: StreamingVLMCache(4, 32, 2, 8),
+            "rekv": lambda: RekvCache(init_tokens=4, local_tokens=40, topk=2, block_tokens=8, question_tokens=32,
+                                      store_blocks=4, num_layers=2, num_kv_heads=2, head_dim=16, num_heads=4),
+            "carrier": lambda: CarrierCache(8, 4, 32, 64),
+            "duo": lambda: DuoCache(200, 2, 8, np.zeros((2, 2), bool))}
+    assert set(make) == set(POLICIES)
+    for name, new in make.items():
+        pol = new()
+        kv = KVBuffer([2, 2, 1, 2, pol.capacity, 16])
+        pol.attach(kv)
+        for kind in ChunkKind:
+            if kind is ChunkKind.FRAME and name == "carrier":
+                tokens, n, _ = pol.prepare_frame(np.ones((1, 3, 64), np.float32), 3, None)
+                step = pol.plan_step(tokens.shape[1], n, kind=kind)
+            elif kind is ChunkKind.RETRIEVAL or (name == "rekv" and kind in (ChunkKind.VIDEO_END, ChunkKind.QUESTION,
+                                                                              ChunkKind.DECODE)):
+                if name == "rekv":
+                    pol.prepare_question(lambda: None)
+                step = pol.plan_step(1, 1, kind=kind)
+            else:
+                step = pol.plan_step(2, 2, kind=kind.value)      # the plain name works too
+            pol.commit(step, {"query_mean": np.zeros((2, 1, 4, 16), np.float32)})
+        with pytest.raises(ValueError, match=f"cache policy '{name}': unknown chunk kind 'bogus'"):
+            pol.plan_step(1, 1, kind="bogus")
