@@ -270,9 +270,10 @@ class StreamWorker:
         :func:`~streamgraph.runtime.capacity.predict_cpu` (deadline: the graph's
         ``slo.frame_deadline_ms``; runner overhead measured), and the memory answer of the
         compiled plan within ``memory_bytes`` (default: memory available on the node now).
-        A second pass measures the costs again under the load that first answer allows (bursts
-        of 80 % of its streams every frame period, cameras in phase, from a common start) and
-        the smaller answer is kept (``first_pass`` holds the other). Returns an
+        A second pass is a trial run of 80 % of that first answer's streams (paced cameras in
+        phase, from a common start, through a StreamRunner as streams run here) whose effective
+        frame costs give a second answer; the smaller is kept (``first_pass`` or
+        ``second_pass`` holds the other). Returns an
         :class:`~streamgraph.cluster.placement.ActorPlan` as a dict."""
         from streamgraph.runtime import capacity as cap
         from streamgraph.runtime import sources
@@ -288,57 +289,61 @@ class StreamWorker:
         self._passes = [cap.probe_costs(lambda: self.engines.session(overload="fifo"), frames,
                                         sessions=probe_sessions, min_seconds=probe_seconds)]
         first = self.plan_for(fps, miss_rate=miss_rate, memory_bytes=memory_bytes, overload=overload)
-        # Second pass: frames back to back take the whole CPU and push other work off it (a
-        # shared machine's load balancer moves it elsewhere), which a real load does not: measure
-        # again under the load pattern the plan allows — bursts of 80 % of the first answer's
-        # streams in phase, every frame period, idle in between — and keep the smaller answer.
+        # Second pass, a trial run: frames back to back take the whole CPU and push other work off
+        # it (a shared machine's load balancer moves it elsewhere), which a real load does not,
+        # and they leave out what the live path costs around each frame (the runner, the
+        # cameras, the records). So run 80 % of the first answer's streams as cameras in phase,
+        # through this actor's own path (StreamRunner over paced cameras), from a common start on
+        # every actor, and take each frame's *effective* cost: in each burst, the time from one
+        # frame's end to the next's (from the capture to the first's end); keep the smaller answer.
         m = max(1, math.floor(0.8 * first["slots"]))
         if start_epoch is None:
             start_epoch = time.time()
         period = 1.0 / fps
         second_start = start_epoch + probe_seconds + 2.0
         second_start += (-second_start) % period                     # on the frame grid of every actor
-        paced = self._paced_probe(m, fps, frames, second_start, probe_seconds)
-        if paced is None:
+        trial = self._trial(m, fps, second_start, probe_seconds, overload)
+        if trial is None:
             return first
-        self._passes.append(paced)
+        self._passes.append(trial)
         self._burst = m
         return self.plan_for(fps, miss_rate=miss_rate, memory_bytes=memory_bytes, overload=overload)
 
-    def _paced_probe(self, streams: int, fps: float, frames: list, start_epoch: float, seconds: float):
-        """Frame costs under a paced load: ``streams`` probe sessions whose frames arrive together
-        every ``1/fps`` s from ``start_epoch`` (as cameras in phase) for ``seconds``; each frame's
-        wall time of ``push_frame``, as :func:`~streamgraph.runtime.capacity.probe_costs`
-        measures it. None when no frame ran."""
-        from streamgraph.errors import CapacityError
+    def _trial(self, streams: int, fps: float, start_epoch: float, seconds: float, overload: str | None):
+        """Effective frame costs of a trial run: ``streams`` paced cameras in phase (frame 0 at
+        ``start_epoch``) through a :class:`~streamgraph.runtime.runner.StreamRunner` on this
+        actor's clock for ``seconds``; per burst, sorted by end, the gaps between consecutive
+        frame ends (the first from the capture): what each frame added to the burst, runner
+        and bookkeeping included. The first burst is left out (warm-up). None when no burst ran."""
         from streamgraph.runtime.capacity import CostSamples
+        from streamgraph.runtime.runner import StreamRunner
 
-        pool = [self.engines.session(overload="fifo") for _ in range(streams)]
-        frame_s, engine_s, stage_s = [], [], {}
-        periods = max(2, math.ceil(seconds * fps))
-        k = 0
-        for p in range(periods):
-            time.sleep(max(0.0, start_epoch + p / fps - time.time()))
-            for j, session in enumerate(pool):
-                image = getattr(frames[k % len(frames)], "image", frames[k % len(frames)])
-                k += 1
-                t0 = time.perf_counter()
-                try:
-                    rec = session.push_frame(image, timestamp=session.clock.now() + 1000.0)
-                except CapacityError:
-                    pool[j] = self.engines.session(overload="fifo")
-                    continue
-                wall = time.perf_counter() - t0
-                if p == 0 or rec.decision != "run":
-                    continue                         # the first burst warms the sessions up
-                frame_s.append(wall)
-                engine_s.append(sum(rec.stage_ms.values()) / 1000.0)
-                for st, ms in rec.stage_ms.items():
-                    stage_s.setdefault(st, []).append(ms / 1000.0)
+        order = [self._open(f"probe-{j}", {"source": f"synthetic:{j}", "fps": fps, "t0": start_epoch,
+                                          "overload": overload}) for j in range(streams)]
+        bursts: dict[float, list] = {}
+
+        def on_frame(_i: int, rec) -> None:
+            if rec.decision == "run" and rec.end is not None:
+                bursts.setdefault(round(rec.capture, 6), []).append((rec.end, sum(rec.stage_ms.values()) / 1000.0))
+
+        runner = StreamRunner([(st.session, st.feed) for st in order], clock=self.clock, calibrate=False,
+                              keep_open=True, on_frame=on_frame)
+        stop = threading.Timer(max(0.0, start_epoch + seconds - time.time()), runner.stop)
+        stop.start()
+        try:
+            runner.run()
+        finally:
+            stop.cancel()
+        frame_s, engine_s = [], []
+        for capture in sorted(bursts)[1:]:
+            prev = capture
+            for end, eng in sorted(bursts[capture]):
+                frame_s.append(max(0.0, end - prev))
+                engine_s.append(eng)
+                prev = end
         if not frame_s:
             return None
-        return CostSamples(np.asarray(frame_s), {st: np.asarray(v) for st, v in stage_s.items()},
-                           np.asarray(engine_s))
+        return CostSamples(np.asarray(frame_s), {}, np.asarray(engine_s))
 
     def plan_for(self, fps: float, *, miss_rate: float = 0.01, memory_bytes: int | None = None,
                  overload: str | None = None) -> dict:
@@ -349,7 +354,8 @@ class StreamWorker:
         passes = getattr(self, "_passes", None)
         if not passes:
             raise StreamgraphError(f"actor {self.name}: measure() first")
-        answers = [self._plan_one(samples, fps, miss_rate, memory_bytes, overload) for samples in passes]
+        answers = [self._plan_one(samples, fps, miss_rate, memory_bytes, overload, runner_overhead=(i == 0))
+                   for i, samples in enumerate(passes)]
         best = min(answers, key=lambda a: a["slots"])        # the smaller answer of the passes
         if len(answers) > 1:
             other = answers[0] if best is answers[1] else answers[1]
@@ -357,7 +363,8 @@ class StreamWorker:
                 "slots": other["slots"], "frame_ms": other["frame_ms"], "burst": getattr(self, "_burst", None)}
         return best
 
-    def _plan_one(self, samples, fps: float, miss_rate: float, memory_bytes: int | None, overload: str | None) -> dict:
+    def _plan_one(self, samples, fps: float, miss_rate: float, memory_bytes: int | None, overload: str | None,
+                  runner_overhead: bool = True) -> dict:
         from streamgraph.runtime import capacity as cap
 
         plan, slo = self.engines.bundle.plan, self.engines.bundle.manifest["slo"]
@@ -368,7 +375,8 @@ class StreamWorker:
         full = costs.predict_frame(budgets[-1]) or 0.0
         ratios = [min(1.0, (costs.predict_frame(b) or full) / full) if full > 0 else 1.0 for b in budgets]
         policy = cap.PolicyModel("fifo" if overload == "none" else overload, ratios, costs.alpha, samples.engine_s)
-        overhead = cap.RunnerOverhead(overload, deadline_ms, float(slo["ttft_ms"]), budgets, fps)
+        overhead = cap.RunnerOverhead(overload, deadline_ms, float(slo["ttft_ms"]), budgets, fps) \
+            if runner_overhead else None                            # a trial's costs include the runner
         shared = cap.plan_shared_bytes(plan)["total"]
         per_stream = max(1, cap.plan_stream_bytes(plan)["total"])
         memory = int(memory_bytes) if memory_bytes is not None else cap.available_memory_bytes()
