@@ -167,6 +167,29 @@ def test_cluster_http_metrics_and_api():
         assert r.status_code == 404
 
 
+# ---------------------------------------------------------------------------- CLI errors
+@pytest.mark.parametrize("argv, message", [
+    (["cluster", "does/not/exist.yaml"], "no such graph file or bundle directory"),
+    (["cluster", ".", "--actors", "0"], "--actors must be >= 1"),
+    (["cluster", ".", "--fps", "0"], "--fps must be a number of frames per second"),
+])
+def test_cli_cluster_errors_are_one_line(argv, message, capsys):
+    from streamgraph.cli import main
+
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_cluster_refuses_an_open_bind_without_token(onnx_bundle, capsys, monkeypatch):
+    pytest.importorskip("ray")
+    from streamgraph.cli import main
+
+    monkeypatch.delenv("STREAMGRAPH_API_TOKEN", raising=False)
+    assert main(["cluster", str(onnx_bundle), "--host", "0.0.0.0"]) == 1      # before Ray starts
+    assert "needs an API token" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- on Ray
 ray = pytest.importorskip("ray")
 
