@@ -340,3 +340,18 @@ def test_compiled_duo_session_matches_reference(tmp_path):
         n += nv
         err = np.abs(t["logits"] - want).max()
         assert err < 1e-3 * max(1.0, np.abs(want).max()), f"step {i} ({t['kind']}): max |logits diff| {err:.3g}"
+
+
+def test_pattern_path_is_relative_to_the_graph_file(tmp_path, monkeypatch):
+    from streamgraph.compiler.compile import check_graph
+
+    (tmp_path / "graphs" / "pat").mkdir(parents=True)
+    np.savetxt(tmp_path / "graphs" / "pat" / "full_attention_heads.tsv", [[0.2, 0.8], [0.6, 0.4]], delimiter="\t")
+    g = tmp_path / "graphs" / "duo.yaml"
+    g.write_text(DUO_GRAPH.format(cache="{op: duo, capacity_tokens: 128, pattern: pat, sparsity: 0.5}"))
+    monkeypatch.chdir(tmp_path)                                   # not the graph's directory
+    plan = check_graph(g).plan
+    # n = 4 heads, ceil(3 * 0.5) = 2 stream: the two smallest gates, 0.2 and 0.4
+    assert plan.cache["streaming_heads"] == [[True, False], [False, True]]
+    assert plan.cache["streaming_fraction"] == 0.5
+    assert [r["name"] for r in plan.cache["regions"]] == ["cache"] and plan.cache["capacity"] == 128
