@@ -113,7 +113,6 @@ class _LiveFeed:
         self.source = source
         self.running = True
         self.first_k = self.last_k = None
-        self.skipped = 0
         self.delivered = 0
         self.fps = None
         self._carry: deque = deque()
@@ -125,6 +124,12 @@ class _LiveFeed:
     @property
     def ended(self) -> bool:
         return bool(getattr(self.source, "ended", False))
+
+    @property
+    def skipped(self) -> int:
+        """Frames the source's capture overwrote before the executor took them."""
+        stats = getattr(self.source, "stats", None)
+        return int(stats.get("skipped_by_capture", 0)) if isinstance(stats, dict) else 0
 
     def carry(self, frames) -> None:
         self._carry.extend(frames)
@@ -597,7 +602,14 @@ class StreamWorker:
                 "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
     def _report(self, st: _Stream) -> dict:
-        rep = st.session.report()
+        for attempt in range(5):      # read while the driver thread may append a record: retry
+            try:
+                rep = st.session.report()
+                break
+            except RuntimeError:      # a record list changed size while it was read
+                if attempt == 4:
+                    raise
+                time.sleep(0.01)
         with self._lock:
             info = self._stream_info(st)
         return {"meta": rep.meta, "summary": rep.summary, "cluster": info}
