@@ -57,8 +57,8 @@ from streamgraph.backends import open_backend  # noqa: E402
 from streamgraph.compiler.bundle import open_bundle  # noqa: E402
 from streamgraph.compiler.compile import compile_graph  # noqa: E402
 from streamgraph.runtime import capacity, sources  # noqa: E402
-from streamgraph.runtime.clock import Clock, SimulatedClock, WallClock  # noqa: E402
-from streamgraph.runtime.runner import StreamRunner  # noqa: E402
+from streamgraph.runtime.stream import Clock, SimulatedClock, WallClock  # noqa: E402
+from streamgraph.runtime.stream import StreamRunner  # noqa: E402
 from streamgraph.runtime.scheduler import TIME_EPS  # noqa: E402
 from streamgraph.runtime.session import Session  # noqa: E402
 

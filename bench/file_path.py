@@ -12,7 +12,7 @@ with the ``full``, ``sink_window`` and ``rekv`` caches at the sweep's parameters
 
 (a) one steady-state ``Session.push_frame`` (after 3 frames);
 (b) one ``Session.ask`` (the whole answer, greedy);
-(c) a whole run through :class:`~streamgraph.runtime.runner.StreamRunner`: the bundled
+(c) a whole run through :class:`~streamgraph.runtime.stream.StreamRunner`: the bundled
     StreamQA episode's video decoded by :func:`streamgraph.runtime.sources.video`, every frame
     and a question, from the source's first frame to the last answer (reports excluded).
 
@@ -91,7 +91,7 @@ def measure(bundle: Path, backend: str = "onnxruntime") -> dict:
     try:
         from streamgraph.runtime.stream import Question, StreamRunner
     except ImportError:          # before the runtime split (f9ced56: runner.py)
-        from streamgraph.runtime.runner import Question, StreamRunner
+        from streamgraph.runtime.stream import Question, StreamRunner
     from streamgraph.runtime.session import Session
 
     s = Session.open(bundle, backend, overload="fifo")

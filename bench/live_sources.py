@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamgraph.errors import SourceError  # noqa: E402
-from streamgraph.runtime.clock import WallClock  # noqa: E402
+from streamgraph.runtime.stream import WallClock  # noqa: E402
 from streamgraph.runtime.live import Reconnect, live  # noqa: E402
 
 

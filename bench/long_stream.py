@@ -126,8 +126,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from streamgraph.compiler.bundle import Bundle
-    from streamgraph.runtime.clock import SimulatedClock
-    from streamgraph.runtime.runner import Question, StreamRunner
+    from streamgraph.runtime.stream import SimulatedClock
+    from streamgraph.runtime.stream import Question, StreamRunner
     from streamgraph.runtime.session import Session
 
     work = Path(tempfile.mkdtemp(prefix="long_stream-"))

@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))
 
 from streamgraph.compiler.compile import compile_graph  # noqa: E402
 from streamgraph.runtime import sources  # noqa: E402
-from streamgraph.runtime.clock import SimulatedClock, WallClock  # noqa: E402
-from streamgraph.runtime.runner import Question, StreamRunner  # noqa: E402
+from streamgraph.runtime.stream import SimulatedClock, WallClock  # noqa: E402
+from streamgraph.runtime.stream import Question, StreamRunner  # noqa: E402
 from streamgraph.runtime.scheduler import FairEDF, Scheduler  # noqa: E402
 from streamgraph.runtime.simulate import SimulatedSession  # noqa: E402
 from streamgraph.runtime.session import Session  # noqa: E402

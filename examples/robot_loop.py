@@ -2,7 +2,7 @@
 
 Two threads, as on a robot:
 
-* the **frames** thread runs a :class:`~streamgraph.runtime.runner.StreamRunner`: it takes
+* the **frames** thread runs a :class:`~streamgraph.runtime.stream.StreamRunner`: it takes
   frames from the source (a camera, a network stream or a pipe; or a video file replayed in
   real time) and runs each through the model under its deadline;
 * the **control** thread (here the main thread) runs the robot's control loop at
@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from streamgraph.runtime import sources
-    from streamgraph.runtime.clock import WallClock
-    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.stream import WallClock
+    from streamgraph.runtime.stream import StreamRunner
 
     engines = open_engines(args.target)
     session = engines.session()                      # no clock given: the runner picks one
@@ -97,7 +97,7 @@ def run(args) -> int:
     except ImportError:                              # a runtime without live sources: files only
         live = None
     if live is not None and live.is_live(src_name):  # camera, URL, pipe: newest frame first, wall clock
-        frames = sources.open_source(src_name, fps=fps, size=size)
+        frames = live.open_source(src_name, fps=fps, size=size)
         clock, speed = None, 1.0
     else:                                            # a recording, replayed in real time
         frames = sources.video(src_name, fps=fps, size=size)

@@ -177,10 +177,10 @@ def cmd_run(args) -> int:
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from streamgraph.runtime import sources
-    from streamgraph.runtime.clock import WallClock
+    from streamgraph.runtime import live, sources
+    from streamgraph.runtime.stream import WallClock
     from streamgraph.runtime.metrics import RECORDS_FILE, check_report_dir
-    from streamgraph.runtime.runner import Question, StreamRunner
+    from streamgraph.runtime.stream import Question, StreamRunner
     from streamgraph.runtime.session import Engines
 
     console = _console()
@@ -214,7 +214,7 @@ def cmd_run(args) -> int:
         # FFmpeg resizes while decoding for the presets; checkpoints get their own processor's
         # antialiased resize in the session's preprocessing, from the native frame size
         size = tuple(session.plan.image_size) if session.plan.resample == "ffmpeg_bilinear" else None
-        src = sources.open_source(video_path, fps=fps, size=size, max_frames=args.max_frames,
+        src = live.open_source(video_path, fps=fps, size=size, max_frames=args.max_frames,
                                   **_live_options(session.bundle.manifest["stream"].get("live"), args))
         if sessions:                                # same engines: calibrated once
             session.scheduler.costs = copy.deepcopy(sessions[0].scheduler.costs)

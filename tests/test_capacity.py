@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from streamgraph.runtime import capacity
-from streamgraph.runtime.clock import SimulatedClock
-from streamgraph.runtime.runner import StreamRunner
+from streamgraph.runtime.stream import SimulatedClock
+from streamgraph.runtime.stream import StreamRunner
 from streamgraph.runtime.scheduler import TIME_EPS, Scheduler
 from streamgraph.runtime.simulate import SimulatedSession
 from streamgraph.runtime.sources import Frame

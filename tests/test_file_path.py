@@ -92,18 +92,6 @@ def test_import_graph_sees_function_level_imports():
     assert g.has_edge("streamgraph.runtime.stream", "streamgraph.runtime.scheduler")
 
 
-#: Circles known when this test was written, outside the runtime split: sources.open_source
-#: imports live (to open a live URL) and live imports sources' Frame and argument checks, both
-#: inside functions. Remove an entry when its circle is cut (test_no_import_circles_at_all
-#: then passes and its xfail must go).
-KNOWN_CYCLES = {frozenset({"streamgraph.runtime.live", "streamgraph.runtime.sources"})}
-
-
-def test_no_import_circles_but_the_known_ones():
-    cycles = [c for c in nx.simple_cycles(import_graph()) if frozenset(c) not in KNOWN_CYCLES]
+def test_no_import_circles():
+    cycles = list(nx.simple_cycles(import_graph()))
     assert not cycles, f"{len(cycles)} import circle(s), e.g. {' -> '.join(min(cycles, key=len))}"
-
-
-@pytest.mark.xfail(strict=True, reason="runtime.live <-> runtime.sources (KNOWN_CYCLES)")
-def test_no_import_circles_at_all():
-    assert not list(nx.simple_cycles(import_graph()))

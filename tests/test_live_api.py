@@ -54,8 +54,8 @@ def test_questions_from_another_thread_are_served_between_frames(onnx_bundle):
     """Frames stream on the wall clock in the runner's thread; a control thread asks three
     questions while they stream. Each is answered between two frames, and its answer, the
     logits of every step and the cache are those of the same order run sequentially."""
-    from streamgraph.runtime.clock import WallClock
-    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.stream import WallClock
+    from streamgraph.runtime.stream import StreamRunner
     from streamgraph.runtime.session import Engines
 
     engines = Engines.load(onnx_bundle)
@@ -98,7 +98,7 @@ def test_questions_from_another_thread_are_served_between_frames(onnx_bundle):
 
 
 def test_answer_streams_pieces_to_an_iterator_and_callbacks(onnx_bundle):
-    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.stream import StreamRunner
     from streamgraph.runtime.session import Engines
 
     engines = Engines.load(onnx_bundle)
@@ -126,7 +126,7 @@ def test_answer_streams_pieces_to_an_iterator_and_callbacks(onnx_bundle):
 
 def test_ask_refuses_bad_input_and_a_stopped_runner(onnx_bundle):
     from streamgraph.errors import StreamClosedError
-    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.stream import StreamRunner
     from streamgraph.runtime.session import Engines
 
     session = Engines.load(onnx_bundle).session(overload="fifo")
@@ -148,7 +148,7 @@ def test_ask_refuses_bad_input_and_a_stopped_runner(onnx_bundle):
 
 def test_stop_fails_waiting_questions_and_cancel_withdraws_one(onnx_bundle):
     from streamgraph.errors import StreamClosedError
-    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.stream import StreamRunner
     from streamgraph.runtime.session import Engines
 
     session = Engines.load(onnx_bundle).session(overload="fifo")
@@ -172,7 +172,7 @@ def test_stop_fails_waiting_questions_and_cancel_withdraws_one(onnx_bundle):
 def test_stop_ends_an_answer_early_and_the_stream_stays_consistent(onnx_bundle):
     """Answer.stop() after the first piece: the result is that piece, and everything after
     is what a session gets when the answer's generator is closed after its first piece."""
-    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.stream import StreamRunner
     from streamgraph.runtime.session import Engines
 
     engines = Engines.load(onnx_bundle)
@@ -274,8 +274,8 @@ class _NewestOnly:
 @pytest.mark.parametrize("make", [lambda: _LiveIterable(12, 0.002), lambda: _NewestOnly(40, 0.001)],
                          ids=["thread", "newest-slot"])
 def test_live_source_runs_on_the_wall_clock_calibrated_and_accounts_for_every_frame(onnx_bundle, make):
-    from streamgraph.runtime.clock import WallClock
-    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.stream import WallClock
+    from streamgraph.runtime.stream import StreamRunner
     from streamgraph.runtime.session import Engines
 
     session = Engines.load(onnx_bundle).session(overload="fifo")
@@ -303,7 +303,7 @@ def test_live_source_runs_on_the_wall_clock_calibrated_and_accounts_for_every_fr
 
 def test_polled_live_source_stops_at_its_max_frames(onnx_bundle):
     """A newest-frame source's ``max_frames`` ends the stream as its own iteration would."""
-    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.stream import StreamRunner
     from streamgraph.runtime.session import Engines
 
     session = Engines.load(onnx_bundle).session(overload="fifo")
@@ -315,8 +315,8 @@ def test_polled_live_source_stops_at_its_max_frames(onnx_bundle):
 
 def test_wall_clock_runner_waiting_for_a_frame_wakes_for_a_question(onnx_bundle):
     """The next frame is 1000 s away: a question asked meanwhile is answered now, not then."""
-    from streamgraph.runtime.clock import WallClock
-    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.stream import WallClock
+    from streamgraph.runtime.stream import StreamRunner
     from streamgraph.runtime.session import Engines
 
     session = Engines.load(onnx_bundle).session(overload="fifo")
@@ -336,7 +336,7 @@ def test_wall_clock_runner_waiting_for_a_frame_wakes_for_a_question(onnx_bundle)
 
 def test_live_source_error_ends_the_run_in_one_line(onnx_bundle):
     from streamgraph.errors import SourceError, StreamClosedError
-    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.stream import StreamRunner
     from streamgraph.runtime.session import Engines
 
     class Broken:

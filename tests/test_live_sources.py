@@ -27,9 +27,10 @@ from hypothesis import strategies as st
 from streamgraph.cli import main
 from streamgraph.errors import SourceError, SpecError
 from streamgraph.runtime import live as live_mod
-from streamgraph.runtime.clock import WallClock
+from streamgraph.runtime.stream import WallClock
 from streamgraph.runtime.live import Reconnect, classify, display_name, live
-from streamgraph.runtime.sources import VideoSource, open_source, sample_clip
+from streamgraph.runtime.live import open_source
+from streamgraph.runtime.sources import VideoSource, sample_clip
 from tests.conftest import graph_text
 
 FPS = 100                  # producer frame rate: far faster than the consumers below
@@ -234,7 +235,7 @@ def test_fifo_cut_and_resumed_every_frame_accounted_no_backlog(tmp_path):
 def test_runner_behind_live_source_keeps_latency_within_deadline():
     """The whole path: StreamRunner with a (simulated, sleeping) model 3x slower than the
     source: every delivered frame gets a record, and every frame that ran met its deadline."""
-    from streamgraph.runtime.runner import StreamRunner
+    from streamgraph.runtime.stream import StreamRunner
     from streamgraph.runtime.scheduler import Scheduler
     from streamgraph.runtime.simulate import SimulatedSession
 

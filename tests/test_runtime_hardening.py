@@ -24,7 +24,7 @@ from streamgraph.cli import main
 from streamgraph.errors import EngineError, SourceError
 from streamgraph.runtime.metrics import read_records
 from streamgraph.runtime.stream import Distribution, RecordWriter
-from streamgraph.runtime.runner import Question, StreamRunner
+from streamgraph.runtime.stream import Question, StreamRunner
 from streamgraph.runtime.scheduler import Scheduler
 from streamgraph.runtime.simulate import SimulatedSession
 from streamgraph.runtime.sources import Frame, sample_clip, sample_indices, video

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamgraph.runtime.clock import SimulatedClock
-from streamgraph.runtime.runner import Question, StreamRunner
+from streamgraph.runtime.stream import SimulatedClock
+from streamgraph.runtime.stream import Question, StreamRunner
 from streamgraph.runtime.scheduler import TIME_EPS, CostModel, FairEDF, Scheduler
 from streamgraph.runtime.simulate import SimulatedSession
 from streamgraph.runtime.sources import Frame

@@ -109,8 +109,8 @@ def test_four_streams_on_one_backend_load_engines_once_and_match_separate_sessio
 def test_runner_with_streams_on_shared_engines_matches_separate_runners(onnx_bundle):
     """Through StreamRunner (one executor, EDF across the streams), every stream's frames and
     answers are those of the same stream run alone on its own engines."""
-    from streamgraph.runtime.clock import SimulatedClock
-    from streamgraph.runtime.runner import Question, StreamRunner
+    from streamgraph.runtime.stream import SimulatedClock
+    from streamgraph.runtime.stream import Question, StreamRunner
     from streamgraph.runtime.session import Engines, Session
 
     engines = Engines.load(onnx_bundle)

@@ -84,7 +84,7 @@ def test_training_stream_is_the_session_stream(bundle, suite):
 
     from streamgraph.models.hf import open_checkpoint, prompt_format
     from streamgraph.runtime import sources
-    from streamgraph.runtime.runner import Question, StreamRunner
+    from streamgraph.runtime.stream import Question, StreamRunner
     from streamgraph.runtime.session import Session
     from streamgraph.streamqa.scene import QA
     from streamgraph.streamqa.suite import load_episode

@@ -4,10 +4,10 @@ The actor loads the bundle's engines once (:meth:`Engines.load
 <streamgraph.runtime.session.Engines.load>`, ``threads`` intra-op threads) and keeps, for
 every stream placed on it, that stream's own :class:`~streamgraph.runtime.session.Session`
 (its KV cache lives here and nowhere else) and its source. A driver thread runs them all on
-one executor through a :class:`~streamgraph.runtime.runner.StreamRunner` (earliest deadline
+one executor through a :class:`~streamgraph.runtime.stream.StreamRunner` (earliest deadline
 first across the actor's streams, overload policy per stream) on one
-:class:`~streamgraph.runtime.clock.WallClock`; questions are served between frames by the
-same runner (:meth:`StreamRunner.ask <streamgraph.runtime.runner.StreamRunner.ask>`).
+:class:`~streamgraph.runtime.stream.WallClock`; questions are served between frames by the
+same runner (:meth:`StreamRunner.ask <streamgraph.runtime.stream.StreamRunner.ask>`).
 
 A runner serves a fixed set of streams, so when a stream is added or removed the driver stops
 the runner after the frame or answer in progress, opens or closes that stream's session (a new
@@ -217,7 +217,7 @@ class StreamWorker:
 
     def __init__(self, name: str, bundle: str, *, backend: str = "onnxruntime", threads: int = 1,
                  cpus: list[int] | None = None, history: int = 256, niceness: int | None = 0):
-        from streamgraph.runtime.clock import WallClock
+        from streamgraph.runtime.stream import WallClock
         from streamgraph.runtime.session import Engines
 
         if cpus is not None and hasattr(os, "sched_setaffinity"):
@@ -316,12 +316,12 @@ class StreamWorker:
 
     def _trial(self, streams: int, fps: float, start_epoch: float, seconds: float, overload: str | None):
         """Effective frame costs of a trial run: ``streams`` paced cameras in phase (frame 0 at
-        ``start_epoch``) through a :class:`~streamgraph.runtime.runner.StreamRunner` on this
+        ``start_epoch``) through a :class:`~streamgraph.runtime.stream.StreamRunner` on this
         actor's clock for ``seconds``; per burst, sorted by end, the gaps between consecutive
         frame ends (the first from the capture): what each frame added to the burst, runner
         and bookkeeping included. The first burst is left out (warm-up). None when no burst ran."""
         from streamgraph.runtime.capacity import CostSamples
-        from streamgraph.runtime.runner import StreamRunner
+        from streamgraph.runtime.stream import StreamRunner
 
         order = [self._open(f"probe-{j}", {"source": f"synthetic:{j}", "fps": fps, "t0": start_epoch,
                                           "overload": overload}) for j in range(streams)]
@@ -447,7 +447,7 @@ class StreamWorker:
                 images = [f.image for f in sources.video(source, fps=fps, size=size)]
                 feed = PacedCamera(images, fps, t0, self.clock, self.epoch0, after_k)
             else:
-                feed = _LiveFeed(sources.open_source(source, fps=fps, size=size, clock=self.clock))
+                feed = _LiveFeed(live_mod.open_source(source, fps=fps, size=size, clock=self.clock))
         session = self.engines.session(clock=self.clock, overload=spec.get("overload"), history=self.history)
         session.scheduler.costs = copy.deepcopy(self._costs)
         return _Stream(sid, {**spec, "fps": fps, "t0": t0, "source": source}, session, feed, time.time())
@@ -513,7 +513,7 @@ class StreamWorker:
         return on_answer
 
     def _drive(self) -> None:
-        from streamgraph.runtime.runner import StreamRunner
+        from streamgraph.runtime.stream import StreamRunner
 
         while True:
             with self._cond:

@@ -6,7 +6,7 @@ measured on this machine, and says which resource binds.
 
 The model (docs/live.md, "Capacity")
 ------------------------------------
-One process runs one :class:`~streamgraph.runtime.runner.StreamRunner`: one executor (engines
+One process runs one :class:`~streamgraph.runtime.stream.StreamRunner`: one executor (engines
 loaded once, one frame at a time) serving ``n`` identical streams at ``fps`` frames per second
 each, earliest deadline first. The worst case is cameras in phase (the critical instant of
 EDF): every frame period ``P = 1/fps`` brings ``n`` frames at once and they run back to back
@@ -376,7 +376,7 @@ def _memory_probe(bundle_dir: str, backend: str, threads: int | None, extra: int
     and one session that ran two frames, then after ``extra`` more sessions."""
     from streamgraph.backends import open_backend
     from streamgraph.compiler.bundle import open_bundle
-    from streamgraph.runtime.clock import SimulatedClock
+    from streamgraph.runtime.stream import SimulatedClock
     from streamgraph.runtime.session import Session
 
     options = {"threads": threads} if (threads is not None and backend == "onnxruntime") else {}
@@ -489,7 +489,7 @@ def probe_costs(open_session: Callable[[], object], frames, warmup: int = 2, ses
 
 class RunnerOverhead:
     """The runner's own seconds per frame with ``n`` streams beyond what the single-frame path
-    costs, ``o(n)``: :class:`~streamgraph.runtime.runner.StreamRunner` over ``n`` zero-cost
+    costs, ``o(n)``: :class:`~streamgraph.runtime.stream.StreamRunner` over ``n`` zero-cost
     :class:`~streamgraph.runtime.simulate.SimulatedSession` streams in phase (the scheduler of
     the graph: policy, deadline, budgets), wall time per frame, less the wall time per frame of
     the same sessions' :meth:`~streamgraph.runtime.stream.StreamBase.push_frame` (already in the
@@ -520,7 +520,7 @@ class RunnerOverhead:
 
     def single_frame_s(self) -> float:
         """Wall seconds per frame of a zero-cost simulated session's ``push_frame``."""
-        from streamgraph.runtime.clock import SimulatedClock
+        from streamgraph.runtime.stream import SimulatedClock
 
         if self._single is None:
             image = np.zeros((1, 1, 3), np.uint8)
@@ -535,8 +535,8 @@ class RunnerOverhead:
         return self._single
 
     def measure(self, n: int) -> float:
-        from streamgraph.runtime.clock import SimulatedClock
-        from streamgraph.runtime.runner import StreamRunner
+        from streamgraph.runtime.stream import SimulatedClock
+        from streamgraph.runtime.stream import StreamRunner
         from streamgraph.runtime.sources import Frame
 
         if n not in self.measured:
@@ -639,7 +639,7 @@ def estimate(bundle_dir: str | Path, *, fps: float | None = None, threads: int |
     from streamgraph.backends import open_backend
     from streamgraph.compiler.bundle import open_bundle
     from streamgraph.runtime import sources
-    from streamgraph.runtime.clock import SimulatedClock
+    from streamgraph.runtime.stream import SimulatedClock
     from streamgraph.runtime.session import Session
 
     check_numbers(fps=fps, threads=threads, memory_gb=memory_gb, probe_frames=probe_frames, miss_rate=miss_rate,

@@ -22,7 +22,7 @@ Kinds of source (:func:`classify`):
 * ``stdin``: ``-`` or ``pipe:`` (``pipe:0``): the standard input; it ends at EOF, normally.
 
 **Timestamps.** A frame's capture time (:attr:`Frame.timestamp`) is in the stream time of
-the source's ``clock`` (pass the runner's :class:`~streamgraph.runtime.clock.WallClock`).
+the source's ``clock`` (pass the runner's :class:`~streamgraph.runtime.stream.WallClock`).
 When the stream has a clock of its own (``pts * time_base``) the capture time follows it:
 ``pts + offset`` where ``offset`` is the smallest ``wall - pts`` seen over the last
 ``128`` frames (the least-delayed recent frame anchors the stream clock to the local one, so
@@ -63,7 +63,7 @@ from streamgraph.errors import SourceError
 #: Tolerance (seconds) comparing a capture time with a grid point (as the file sources).
 EPS = 1e-6
 
-__all__ = ["LIVE_SCHEMES", "LiveSource", "Reconnect", "classify", "display_name", "is_live", "live"]
+__all__ = ["LIVE_SCHEMES", "LiveSource", "Reconnect", "classify", "display_name", "is_live", "live", "open_source"]
 
 #: URL schemes accepted as live network sources (each needs the FFmpeg protocol of that name).
 LIVE_SCHEMES: tuple[str, ...] = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "tcp", "udp",
@@ -328,7 +328,7 @@ class _Clock0:
 class LiveSource:
     """A live stream as an iterable of :class:`~streamgraph.runtime.sources.Frame` (newest
     frame first, never a backlog). Build it with :func:`live` or
-    :func:`~streamgraph.runtime.sources.open_source`.
+    :func:`open_source`.
 
     Iterating starts the capture thread (if it is not running) and yields, each time, the
     newest frame decoded since the previous one, waiting for one when none is new. It ends
@@ -344,7 +344,7 @@ class LiveSource:
             runner's clock before iterating. Default: seconds since capture started.
     """
 
-    #: Read by :class:`~streamgraph.runtime.runner.StreamRunner`: a live source runs on the
+    #: Read by :class:`~streamgraph.runtime.stream.StreamRunner`: a live source runs on the
     #: wall clock, and the runner polls :meth:`latest` when its executor is free.
     live = True
 
@@ -746,7 +746,7 @@ def live(target: str, fps: float | None = None, size: tuple[int, int] | None = N
         open_timeout_s, read_timeout_s: seconds to wait for a connection (or a pipe's writer)
             and for data once connected; past them the try fails (a disconnect).
         clock: where capture times come from (anything with ``now()`` in seconds, e.g. the
-            runner's :class:`~streamgraph.runtime.clock.WallClock`); default: seconds since
+            runner's :class:`~streamgraph.runtime.stream.WallClock`); default: seconds since
             capture started.
 
     Returns:
@@ -777,3 +777,38 @@ def live(target: str, fps: float | None = None, size: tuple[int, int] | None = N
                       max_frames=_check_count("max_frames", max_frames), reconnect=reconnect, format=format,
                       options=_check_options(options), open_timeout_s=_check_timeout("open_timeout_s", open_timeout_s),
                       read_timeout_s=_check_timeout("read_timeout_s", read_timeout_s), clock=clock)
+
+
+def open_source(
+    target: str | Path,
+    fps: float | None = None,
+    size: tuple[int, int] | None = None,
+    max_frames: int | None = None,
+    **live_options,
+):
+    """Open any frame source by what ``target`` names: a live source or a video file.
+
+    Args:
+        target: a URL (``rtsp://``, ``rtmp://``, ``http(s)://``, ``tcp://``, ``udp://``, ...),
+            a V4L2 device (``/dev/videoN``), a FIFO, ``-``/``pipe:`` (stdin), or a video file
+            path (see :func:`classify`).
+        fps, size, max_frames: as :func:`~streamgraph.runtime.sources.video` (for a live source, the fps grid runs on
+            capture timestamps).
+        **live_options: keyword arguments of :func:`live`
+            (``reconnect``, ``format``, ``options``, ``open_timeout_s``, ``read_timeout_s``,
+            ``clock``); ignored for a file.
+
+    Returns:
+        A :class:`LiveSource` (nothing connects before it is
+        iterated) or a :class:`~streamgraph.runtime.sources.VideoSource` (probed now).
+
+    Raises:
+        ValueError: invalid ``fps``, ``size`` or ``max_frames`` (or a live option).
+        SourceError: as :func:`~streamgraph.runtime.sources.video` for a file; a URL with an unsupported scheme.
+    """
+    from streamgraph.runtime.sources import video
+
+    text = str(target)
+    if classify(text) == "file":
+        return video(text, fps=fps, size=size, max_frames=max_frames)
+    return live(text, fps=fps, size=size, max_frames=max_frames, **live_options)

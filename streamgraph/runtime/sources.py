@@ -1,6 +1,7 @@
-"""Frame sources: video files (decoded with PyAV), synthetic streams, the bundled sample clip,
-and (through :func:`open_source`) the live sources of :mod:`streamgraph.runtime.live`: network
-URLs, V4L2 devices and pipes.
+"""Frame sources: video files (decoded with PyAV), synthetic streams, the bundled sample clip.
+Live sources (network URLs, V4L2 devices, pipes) build on this module in
+:mod:`streamgraph.runtime.live`, whose :func:`~streamgraph.runtime.live.open_source` opens
+either kind by what its target names (this module never imports it: no import circle).
 
 Every source is a re-iterable of :class:`Frame`. A frame carries its capture timestamp in
 *stream time* (seconds since the first decoded frame of the file), its index among the
@@ -33,7 +34,6 @@ __all__ = [
     "streamqa_demo",
     "Frame",
     "GridSampler",
-    "open_source",
     "SyntheticSource",
     "VideoSource",
     "sample_clip",
@@ -446,41 +446,6 @@ def video(
     with src._open():  # probe: readable container with a video stream
         pass
     return src
-
-
-def open_source(
-    target: str | Path,
-    fps: float | None = None,
-    size: tuple[int, int] | None = None,
-    max_frames: int | None = None,
-    **live_options,
-):
-    """Open any frame source by what ``target`` names: a live source or a video file.
-
-    Args:
-        target: a URL (``rtsp://``, ``rtmp://``, ``http(s)://``, ``tcp://``, ``udp://``, ...),
-            a V4L2 device (``/dev/videoN``), a FIFO, ``-``/``pipe:`` (stdin), or a video file
-            path (see :func:`streamgraph.runtime.live.classify`).
-        fps, size, max_frames: as :func:`video` (for a live source, the fps grid runs on
-            capture timestamps).
-        **live_options: keyword arguments of :func:`streamgraph.runtime.live.live`
-            (``reconnect``, ``format``, ``options``, ``open_timeout_s``, ``read_timeout_s``,
-            ``clock``); ignored for a file.
-
-    Returns:
-        A :class:`~streamgraph.runtime.live.LiveSource` (nothing connects before it is
-        iterated) or a :class:`VideoSource` (probed now).
-
-    Raises:
-        ValueError: invalid ``fps``, ``size`` or ``max_frames`` (or a live option).
-        SourceError: as :func:`video` for a file; a URL with an unsupported scheme.
-    """
-    from streamgraph.runtime import live
-
-    text = str(target)
-    if live.classify(text) == "file":
-        return video(text, fps=fps, size=size, max_frames=max_frames)
-    return live.live(text, fps=fps, size=size, max_frames=max_frames, **live_options)
 
 
 # --------------------------------------------------------------------------- synthetic

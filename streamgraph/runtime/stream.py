@@ -620,7 +620,7 @@ class StreamBase(ABC):
 
 
 # ---------------------------------------------------------------------- several streams: the runner
-log = logging.getLogger("streamgraph.runtime.runner")      # its name before the runner moved here
+log = logging.getLogger(__name__)
 
 #: Frames of a live source that may wait for the executor (per stream) by default: the newest.
 DEFAULT_LIVE_BACKLOG = 1

@@ -1,12 +1,12 @@
 """Streams of the server: one served stream = a session + a runner + the thread that runs it.
 
 :class:`ServedStream` owns one :class:`~streamgraph.runtime.session.Session` (its own KV
-buffer, cache policy and scheduler) and one :class:`~streamgraph.runtime.runner.StreamRunner`
+buffer, cache policy and scheduler) and one :class:`~streamgraph.runtime.stream.StreamRunner`
 over its source, on a wall clock started when the stream starts. A thread of the stream runs
 the runner: a file is replayed at its capture rate (``speed`` times faster), a live source
 (URL, device, pipe) is read by its own capture thread, and the overload policy drops what
 cannot make its deadline. Questions come from HTTP handlers through
-:meth:`StreamRunner.ask <streamgraph.runtime.runner.StreamRunner.ask>`: each arrives at the
+:meth:`StreamRunner.ask <streamgraph.runtime.stream.StreamRunner.ask>`: each arrives at the
 stream clock's current time and is answered when the executor is next free, ahead of pending
 frames, its pieces handed back as they are decoded. Its TTFT (and ``ttft_met`` against
 ``slo.ttft_ms``) therefore includes the wait for the frame in progress.
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from streamgraph.errors import StreamgraphError
-from streamgraph.runtime.clock import WallClock
+from streamgraph.runtime.stream import WallClock
 from streamgraph.runtime.metrics import RECORDS_FILE, record_dict
 from streamgraph.runtime.stream import check_question, error_text
 
@@ -57,7 +57,7 @@ class Busy(StreamgraphError):
 class StreamConfig:
     """What a stream is made of. ``source``: a video file (replayed at its capture rate,
     ``speed`` times faster; ``loop`` replays it forever) or a live source
-    (:func:`~streamgraph.runtime.sources.open_source`: URL, ``/dev/videoN``, FIFO).
+    (:func:`~streamgraph.runtime.live.open_source`: URL, ``/dev/videoN``, FIFO).
     ``bundle``: a compiled bundle directory, or ``graph``: a graph file compiled first.
     ``fps`` (frames/s, default the graph's ``stream.fps``), ``overload`` (default the graph's),
     ``max_frames`` (stop after this many sampled frames; per pass with ``loop``),
@@ -95,16 +95,12 @@ def open_source(cfg: StreamConfig, session) -> tuple[Iterable, object]:
     """``(frames, source)``: the frames of ``cfg.source`` sized for ``session``'s bundle, and
     the source object. Raises SourceError / ValueError (one line) for a source that cannot be
     used."""
-    from streamgraph.runtime import sources
+    from streamgraph.runtime import live, sources
 
     fps = cfg.fps or session.bundle.manifest["stream"]["fps"]
     size = tuple(session.plan.image_size) if session.plan.resample == "ffmpeg_bilinear" else None
-    opener = getattr(sources, "open_source", None)      # live sources (URLs, devices, pipes) where present
-    if opener is not None:
-        src = opener(cfg.source, fps=fps, size=size, max_frames=cfg.max_frames,
-                     **_live_options(cfg.source, session.bundle.manifest))
-    else:
-        src = sources.video(cfg.source, fps=fps, size=size, max_frames=cfg.max_frames)
+    src = live.open_source(cfg.source, fps=fps, size=size, max_frames=cfg.max_frames,
+                           **_live_options(cfg.source, session.bundle.manifest))
     if not cfg.loop:
         return src, src
     if not isinstance(src, sources.VideoSource):
@@ -157,7 +153,7 @@ class ServedStream:
     def __init__(self, id: str, cfg: StreamConfig, session, frames: Iterable, source,
                  on_frame: Callable | None = None, on_question: Callable | None = None,
                  max_pending: int = DEFAULT_MAX_PENDING, records: Path | None = None):
-        from streamgraph.runtime.runner import StreamRunner
+        from streamgraph.runtime.stream import StreamRunner
 
         self.id, self.cfg, self.session, self.source = id, cfg, session, source
         self._on_frame, self._on_question = on_frame, on_question

@@ -3,7 +3,7 @@ run time; variants are compiled with the normal compile path).
 
 Each video of the suite is one stream: a fresh :class:`~streamgraph.runtime.session.Session`
 over the graph's compiled engines (one backend shared by all streams of a graph), frames
-sampled at the graph's ``stream.fps`` and fed by :class:`~streamgraph.runtime.runner.StreamRunner`
+sampled at the graph's ``stream.fps`` and fed by :class:`~streamgraph.runtime.stream.StreamRunner`
 under the graph's overload policy, and the items of that video asked at their ``ask_time``
 (questions are served ahead of later frames, so an answer sees exactly the frames captured
 before it). An answer is correct when it equals the item's answer after
@@ -302,8 +302,8 @@ def evaluate_bundle(bundle_dir: str | Path, suite: Suite, *, load: float | None 
     from streamgraph.backends import open_backend
     from streamgraph.compiler.bundle import Bundle
     from streamgraph.runtime import sources
-    from streamgraph.runtime.clock import SimulatedClock
-    from streamgraph.runtime.runner import Question, StreamRunner
+    from streamgraph.runtime.stream import SimulatedClock
+    from streamgraph.runtime.stream import Question, StreamRunner
     from streamgraph.runtime.session import Session
 
     bundle = Bundle.load(bundle_dir)
