@@ -371,6 +371,7 @@ class StreamWorker:
     def _plan_one(self, samples, fps: float, miss_rate: float, memory_bytes: int | None, overload: str | None,
                   runner_overhead: bool = True) -> dict:
         from streamgraph.runtime import capacity as cap
+        from streamgraph.runtime.scheduler import overload_policy
 
         plan, slo = self.engines.bundle.plan, self.engines.bundle.manifest["slo"]
         overload = overload or slo["overload"]
@@ -379,7 +380,7 @@ class StreamWorker:
         costs = self._costs
         full = costs.predict_frame(budgets[-1]) or 0.0
         ratios = [min(1.0, (costs.predict_frame(b) or full) / full) if full > 0 else 1.0 for b in budgets]
-        policy = cap.PolicyModel("fifo" if overload == "none" else overload, ratios, costs.alpha, samples.engine_s)
+        policy = cap.PolicyModel(overload_policy(overload).name, ratios, costs.alpha, samples.engine_s)
         overhead = cap.RunnerOverhead(overload, deadline_ms, float(slo["ttft_ms"]), budgets, fps) \
             if runner_overhead else None                            # a trial's costs include the runner
         shared = cap.plan_shared_bytes(plan)["total"]

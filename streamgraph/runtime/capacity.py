@@ -49,7 +49,7 @@ from typing import Callable
 
 import numpy as np
 
-from streamgraph.runtime.scheduler import FRAME_STAGES, OVERLOAD_POLICIES, TIME_EPS
+from streamgraph.runtime.scheduler import FRAME_STAGES, OVERLOAD_POLICIES, TIME_EPS, overload_policy
 
 MISS_RATE = 0.01           # share of frames allowed to fail (late, dropped or degraded)
 BURSTS = 2000              # bursts resampled per prediction (common random numbers)
@@ -151,7 +151,8 @@ class BurstModel:
         eng = self.x if policy.engine_s is None else _check_samples(policy.engine_s)
         if eng.size != m:
             raise ValueError(f"engine_s has {eng.size} samples, frame_s {m}")
-        ratios = np.asarray(policy.ratios if policy.overload == "degrade" else [1.0], dtype=np.float64)
+        rule = overload_policy(policy.overload)
+        ratios = np.asarray(policy.ratios if rule.degrades else [1.0], dtype=np.float64)
         elapsed = np.zeros(self.bursts)
         failed = np.zeros((n, self.bursts), dtype=bool)
         latency = np.full((n, self.bursts), np.nan)
@@ -163,7 +164,7 @@ class BurstModel:
                 ewma = (1 - a) * ewma + a * eng[(idx - j * n) % m]
             elapsed += overhead_s
             behind = n - k - 1
-            if policy.overload == "drop_late":
+            if not rule.degrades:           # drop_late
                 chosen = np.where(elapsed + ewma <= limit, 1.0, np.nan)
             else:   # degrade: the largest bucket at which this frame and all behind it fit back to back
                 chosen = np.full(self.bursts, np.nan)
@@ -199,7 +200,7 @@ class PolicyModel:
 
     @property
     def replays(self) -> bool:
-        return self.overload in ("drop_late", "degrade")
+        return overload_policy(self.overload).sheds_late
 
 
 def predict_cpu(frame_s, fps: float, deadline_s: float, overhead: Callable[[int], float] | None = None,
@@ -699,7 +700,7 @@ def estimate(bundle_dir: str | Path, *, fps: float | None = None, threads: int |
             samples = probe_costs(lambda: first.pop() if first else open_probe(), frames, sessions=n_probe,
                                   min_seconds=probe_seconds)
             say("measuring the runner's overhead per frame and predicting")
-            policy = PolicyModel("fifo" if overload == "none" else overload, ratios, costs.alpha, samples.engine_s)
+            policy = PolicyModel(overload_policy(overload).name, ratios, costs.alpha, samples.engine_s)
             cpu = predict_cpu(samples.frame_s, stream_fps, deadline_ms / 1000.0, overhead, miss_rate,
                               max_streams=cap, policy=policy)
             passes.append({"sessions": n_probe, "frame_mean_ms": 1000.0 * float(samples.frame_s.mean()),
