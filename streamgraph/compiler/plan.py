@@ -138,7 +138,7 @@ class Plan:
     #: Encoder reuse: ``{"op": "stc_cacher", "params": {...}}``, or None for the plain encoder.
     encoder: EncoderEntry | None = None
     encoder_grid: list[int] | None = None  # [rows, cols] of the N encoder tokens
-    resample: str = "ffmpeg_bilinear"      # frame resize of the runtime (runtime.preprocess)
+    resample: str = "ffmpeg_bilinear"      # frame resize of the runtime (runtime.pipeline)
     rescale_factor: float = 1.0 / 255.0    # pixel scale before normalisation
 
     def reducer_engine(self, budget: int) -> str:

@@ -83,7 +83,7 @@ class VLMConfig:
     """Whether the model has LLaVA-OneVision's ``image_newline`` embedding (appended once
     after a video's frames)."""
     resample: str = "ffmpeg_bilinear"
-    """Frame resize of the runtime (:func:`streamgraph.runtime.preprocess.resize_rgb`):
+    """Frame resize of the runtime (:func:`streamgraph.runtime.pipeline.resize_rgb`):
     ``ffmpeg_bilinear``, ``bilinear_aa`` or ``bicubic_aa``."""
     rescale_factor: float = 1.0 / 255.0
     """Pixel scale applied before normalisation."""

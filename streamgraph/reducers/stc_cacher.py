@@ -26,7 +26,7 @@ Two engines, both with the plain encoder's weights:
 
 The reference buffers are never updated by the reuse engine (the reference stores them on
 refresh frames only). The runtime owns them and decides per frame: refresh every
-``refresh_every`` encoded frames, reuse otherwise (``streamgraph.runtime.reduction``). Shapes
+``refresh_every`` encoded frames, reuse otherwise (``streamgraph.runtime.pipeline``). Shapes
 are static because n is fixed at build time. The patch embedding and the projector stay dense.
 
 T is the ViT's patch count and L the layers that run (``VisionConfig.layers_used``: up to the

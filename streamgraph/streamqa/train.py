@@ -170,7 +170,7 @@ def _background_tokens(frame: np.ndarray, grid: int, thresh: int = 40) -> np.nda
 
 
 def _pixels(frames: np.ndarray) -> np.ndarray:
-    # identical to streamgraph.runtime.preprocess at the model's own size (mean = std = 0.5)
+    # identical to streamgraph.runtime.pipeline.preprocess_frame at the model's own size (mean = std = 0.5)
     return ((frames.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(0, 3, 1, 2)
 
 
