@@ -38,8 +38,6 @@ class TorchBackend(Backend):
         else:
             model = load_model(cfg, bundle.file("weights.safetensors"), dtype)   # verified at load
         self.modules = plan_engine_modules(model, bundle.plan)
-        if "reducer" in bundle.plan.engines:  # bundle from before budget buckets
-            self.modules["reducer"] = next(m for n, m in self.modules.items() if n.startswith("reducer_k"))
         self.output_names = {n: [o.name for o in e.outputs] for n, e in bundle.plan.engines.items()}
         self.input_names = {n: [i.name for i in e.inputs] for n, e in bundle.plan.engines.items()}
 
