@@ -7,6 +7,8 @@ name                    backend
 ``onnxruntime``         :class:`~streamgraph.backends.onnxruntime.OnnxRuntimeBackend`
                         (default; CPU, the KV buffer bound once with IOBinding)
 ``torch``               :class:`~streamgraph.backends.torch.TorchBackend` (eager reference)
+``torch-device``        :class:`~streamgraph.backends.torch_device.TorchDeviceBackend`
+                        (CUDA or CPU; the KV buffer resident on the device)
 ``tensorrt``            :class:`~streamgraph.backends.tensorrt.TensorRTBackend` (written
                         against TensorRT 10, never run here)
 ======================  ==============================================================
@@ -37,6 +39,7 @@ def _lazy(module: str, cls: str) -> Callable[..., Backend]:
 BACKENDS: dict[str, Callable[..., Backend]] = {
     "onnxruntime": _lazy("onnxruntime", "OnnxRuntimeBackend"),
     "torch": _lazy("torch", "TorchBackend"),
+    "torch-device": _lazy("torch_device", "TorchDeviceBackend"),
     "tensorrt": _lazy("tensorrt", "TensorRTBackend"),
 }
 
