@@ -283,3 +283,23 @@ def test_bfloat16_runs_close_to_float32(setup):
         scale = float(np.abs(b[C.LOGITS]).max())
         assert float(np.abs(a[C.LOGITS] - b[C.LOGITS]).max()) < 0.05 * max(scale, 1.0)
     assert got.kv.data.dtype == np.float32 and np.isfinite(got.kv.data).all()
+
+
+@pytest.mark.parametrize("op", ["sink_window", "rekv", "duo"])
+def test_cuda_logits_equal_onnxruntime(setup, op):
+    """On a machine with CUDA (skipped elsewhere): the same lockstep with the KV buffer in
+    device memory (``data`` is then a device -> host copy) agrees with ONNX Runtime on the CPU."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    from streamgraph.backends import open_backend
+
+    plans, bundle, ort, _ = setup
+    cuda = open_backend("torch-device", bundle, device="cuda")
+    ref, got = Stream(ort, plans[op]), Stream(cuda, plans[op])
+    assert got.kv.tensor.is_cuda and got.kv.address == got.kv.tensor.data_ptr()
+    Lockstep(ref, got).script(frames=6 if op == "duo" else 12)
+    for a, b in zip(got.steps, ref.steps):
+        for name in (C.LOGITS, C.LAST_HIDDEN, C.QUERY_MEAN, C.NEW_KV):
+            np.testing.assert_allclose(a[name], b[name], **TOL, err_msg=f"{op} {a['kind']} {name}")
+    np.testing.assert_allclose(got.kv.data, ref.kv.data, **TOL)
