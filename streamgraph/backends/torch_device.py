@@ -21,10 +21,11 @@ the chunk's small inputs cross the bus (``inputs_embeds [1,T,C]``, positions, va
 Stateless engines (vision encoder, reducers, ``embed_tokens``) run through :meth:`run`: inputs
 copied to the device, outputs back to host numpy arrays.
 
-``dtype``: ``float32`` (default), ``float16`` or ``bfloat16``: the modules' parameters and the
-KV buffer are held in it; buffers such as RoPE's ``inv_freq`` stay float32 and host outputs
-are returned in float32 (numpy has no bfloat16). The half dtypes are meant for CUDA; on the
-CPU they run (slowly) so the code path is testable.
+``dtype``: ``float32``, ``float16`` or ``bfloat16`` (default: the plan's dtype): the modules'
+parameters and the KV buffer are held in it; buffers such as RoPE's ``inv_freq`` stay float32,
+and host outputs are returned in the plan's float dtype (float32 for bfloat16: numpy has
+none). The half dtypes are meant for CUDA; on the CPU they run (slowly) so the code path is
+testable.
 
 Not done (future work, see docs/performance.md): CUDA graphs / ``torch.compile`` of the
 decoder step (the chunk length ``T`` varies, so it needs per-``T`` graphs or padding to
@@ -74,8 +75,9 @@ def resolve_device(torch, device: "str | None"):
 
 class TorchDeviceBackend(Backend):
     """The bundle's engines as eager torch modules on ``device`` (default ``"cuda"`` when
-    available, else ``"cpu"``) in ``dtype`` (``"float32"`` default, ``"float16"``,
-    ``"bfloat16"``), with device-resident KV buffers (module docstring).
+    available, else ``"cpu"``) in ``dtype`` (``"float32"``, ``"float16"``, ``"bfloat16"``;
+    default: the plan's dtype, float32 for most bundles), with device-resident KV buffers
+    (module docstring).
 
     Weights come from the bundle as for the eager ``torch`` backend (``weights.safetensors``,
     or the hash-checked Hugging Face checkpoint the manifest names); any bundle target works
@@ -90,8 +92,9 @@ class TorchDeviceBackend(Backend):
     name = "torch-device"
     thread_safe = False
 
-    def __init__(self, bundle, device: "str | None" = None, dtype: str = "float32", threads: int | None = None):
+    def __init__(self, bundle, device: "str | None" = None, dtype: "str | None" = None, threads: int | None = None):
         torch = _import_torch()
+        dtype = dtype or bundle.plan.kv.dtype
         if dtype not in _DTYPES:
             raise ValueError(f"torch-device: dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
         dev = resolve_device(torch, device)
