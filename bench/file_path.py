@@ -45,7 +45,8 @@ GRAPH = REPO / "graphs" / "streamqa.yaml"
 #: cache parameters of bench/streamqa_sweep.yaml (144 slots = 25 % of full's KV bytes)
 CACHES = {"full": {"capacity_tokens": 576},
           "sink_window": {"sink_tokens": 8, "window_tokens": 136},
-          "rekv": {"init_tokens": 8, "local_tokens": 32, "topk": 2, "question_tokens": 72}}
+          "rekv": {"init_tokens": 8, "local_tokens": 32, "topk": 2, "question_tokens": 72},
+          "duo": {"capacity_tokens": 576, "sink_tokens": 8, "recent_tokens": 64, "sparsity": 0.5}}
 
 
 def trace(fn):

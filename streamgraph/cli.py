@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from streamgraph.backends import BACKENDS
 from streamgraph.errors import StreamgraphError
 
 MiB = 1024 * 1024
@@ -742,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--history", type=int, default=1024,
                    help="records of each kind kept in memory and in report.json (the summary and "
                         "records.jsonl cover the whole run; default 1024)")
-    r.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
+    r.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS))
     r.add_argument("--overload", choices=OVERLOAD_POLICIES,
                    help="override the graph's slo.overload")
     r.add_argument("--speed", type=float, default=1.0,
@@ -802,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-streams", type=int, default=8, help="streams served at once at most (default 8)")
     sv.add_argument("--max-body-bytes", type=int, default=1 << 20,
                     help="largest request body accepted, bytes (default 1 MiB; larger: 413)")
-    sv.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "tensorrt"])
+    sv.add_argument("--backend", default="onnxruntime", choices=list(BACKENDS))
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                     help="uvicorn's log level (access log at info)")
     sv.set_defaults(func=cmd_serve)

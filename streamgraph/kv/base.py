@@ -242,6 +242,46 @@ class CachePolicy(ABC):
         return out
 
 
+class AppendCache(CachePolicy):
+    """The shared core of the policies that never evict (``full``, ``duo``): slot ``i`` holds
+    stream token ``i`` at its absolute stream position (``positions: keep`` offsets honoured;
+    :meth:`reserve_positions` moves the next position without writing), every written slot is
+    visible, and a chunk that does not fit raises :class:`~streamgraph.errors.CapacityError`
+    (the buffer never grows). Subclasses match the chunk kinds and call :meth:`plan_append`."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.next_position = 0
+
+    def plan_append(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None) -> StepPlan:
+        """The step that appends the chunk's ``n_valid`` valid tokens after the last written
+        slot, at ``next_position + offsets`` (``offsets`` default ``0..n_valid-1``); padding
+        tokens get positions after them. Raises CapacityError when they do not fit."""
+        from streamgraph.errors import CapacityError
+
+        used = self.tokens_seen
+        if used + n_valid > self.capacity:
+            raise CapacityError(
+                f"KV cache full: policy {self.name!r} has {self.capacity} slots, {used} in use, and the next "
+                f"chunk needs {n_valid}; raise capacity_tokens or use an evicting policy (sink_window)")
+        rel = np.arange(n_valid, dtype=np.int64) if offsets is None else np.asarray(offsets, np.int64)
+        positions = self.next_position + rel
+        write = np.arange(used, used + n_valid, dtype=np.int64)
+        pos = np.zeros(chunk_len, dtype=np.int64)
+        pos[:n_valid] = positions
+        if n_valid < chunk_len:
+            pos[n_valid:] = positions[-1] + 1 if n_valid else self.next_position
+        return StepPlan(self._pad(write, chunk_len), pos, self.slot_pos.copy(), self.slot_seq >= 0, n_valid)
+
+    def commit(self, plan: StepPlan, outputs: dict[str, np.ndarray] | None = None) -> None:
+        super().commit(plan)
+        if plan.n_new:
+            self.next_position = int(plan.positions[plan.n_new - 1]) + 1
+
+    def reserve_positions(self, n: int) -> None:
+        self.next_position += int(n)
+
+
 def _rank_positions(visible: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, int]:
     """``cache_positions [S]`` giving the visible slots their rank 0..m-1 by ``order``
     (stream order), and m. Invisible slots get 0 (never attended)."""

@@ -51,9 +51,8 @@ from pydantic import Field, model_validator
 
 from streamgraph.compiler.limits import MAX_CACHE_TOKENS, MAX_COUNT
 from streamgraph.compiler.ops import NodeBase, ShapeError
-from streamgraph.kv.base import (CacheContext, CacheLayout, ChunkKind, KVDims, PolicySpec, StepPlan, chunk_kind,
-                                 register_policy, unknown_kind)
-from streamgraph.kv.full import FullCache
+from streamgraph.kv.base import (AppendCache, CacheContext, CacheLayout, ChunkKind, KVDims, PolicySpec, StepPlan,
+                                 chunk_kind, region_starts, register_policy, unknown_kind)
 
 #: the reference's pattern file name inside a pattern directory
 PATTERN_FILE = "full_attention_heads.tsv"
@@ -166,11 +165,12 @@ def head_roles(num_layers: int, num_kv_heads: int, *, alpha: np.ndarray | None =
     return out
 
 
-class DuoCache(FullCache):
+class DuoCache(AppendCache):
     """``duo`` — DuoAttention over one shared buffer (see the module docstring).
 
     ``streaming_heads [L, Hkv]`` bool: True for a streaming KV head. Slots are filled in
-    stream order at their stream positions, exactly as :class:`~streamgraph.kv.full.FullCache`
+    stream order at their stream positions, exactly as ``full`` (both are
+    :class:`~streamgraph.kv.base.AppendCache`s)
     (retrieval heads see ``cache_valid``); every step also plans ``window_valid [S]``: the
     slots of the first ``sink_tokens`` tokens and of the ``recent_tokens`` most recent tokens
     before the chunk (streaming heads). Every chunk kind is a stream token (DuoAttention keeps
@@ -181,13 +181,16 @@ class DuoCache(FullCache):
     name = "duo"
 
     def __init__(self, capacity: int, sink_tokens: int, recent_tokens: int, streaming_heads: np.ndarray):
-        super().__init__(capacity)
         self._sizes = duo_regions(capacity)
+        super().__init__(sum(self._sizes.values()))
         self.sink, self.recent = int(sink_tokens), int(recent_tokens)
         heads = np.asarray(streaming_heads, dtype=bool)
         if heads.ndim != 2:
             raise ValueError(f"duo streaming_heads must be [layers, kv_heads], got shape {list(heads.shape)}")
         self.streaming_heads = heads
+
+    def regions(self) -> dict[str, tuple[int, int]]:
+        return region_starts(self._sizes)
 
     def plan_step(self, chunk_len: int, n_valid: int, offsets: np.ndarray | None = None,
                   kind: str | None = None) -> StepPlan:
@@ -197,7 +200,7 @@ class DuoCache(FullCache):
                 pass                                     # every token is a stream token
             case other:
                 raise unknown_kind(self.name, other)
-        step = super().plan_step(chunk_len, n_valid, offsets, None)
+        step = self.plan_append(chunk_len, n_valid, offsets)
         seq = self.slot_seq
         step.window_valid = step.cache_valid & ((seq < self.sink) | (seq >= self.tokens_seen - self.recent))
         return step

@@ -12,8 +12,7 @@ from pydantic import Field
 
 from streamgraph.compiler.limits import MAX_CACHE_TOKENS
 from streamgraph.compiler.ops import NodeBase
-from streamgraph.errors import CapacityError
-from streamgraph.kv.base import (CacheContext, CacheLayout, CachePolicy, ChunkKind, PolicySpec, StepPlan,
+from streamgraph.kv.base import (AppendCache, CacheContext, CacheLayout, ChunkKind, PolicySpec, StepPlan,
                                  chunk_kind, region_starts, register_policy, unknown_kind)
 
 
@@ -31,7 +30,7 @@ def full_regions(capacity_tokens: int) -> dict[str, int]:
     return {"cache": int(capacity_tokens)}
 
 
-class FullCache(CachePolicy):
+class FullCache(AppendCache):
     """``full``: every token is kept at its absolute stream position until the buffer is
     full, then :class:`CapacityError` (no eviction). Every chunk kind is a stream token."""
 
@@ -40,7 +39,6 @@ class FullCache(CachePolicy):
     def __init__(self, capacity: int):
         self._sizes = full_regions(capacity)
         super().__init__(sum(self._sizes.values()))
-        self.next_position = 0
 
     def regions(self) -> dict[str, tuple[int, int]]:
         return region_starts(self._sizes)
@@ -53,27 +51,7 @@ class FullCache(CachePolicy):
                 pass                                     # every token is a stream token
             case other:
                 raise unknown_kind(self.name, other)
-        used = self.tokens_seen
-        if used + n_valid > self.capacity:
-            raise CapacityError(
-                f"KV cache full: policy {self.name!r} has {self.capacity} slots, {used} in use, and the next "
-                f"chunk needs {n_valid}; raise capacity_tokens or use an evicting policy (sink_window)")
-        rel = np.arange(n_valid, dtype=np.int64) if offsets is None else np.asarray(offsets, np.int64)
-        positions = self.next_position + rel
-        write = np.arange(used, used + n_valid, dtype=np.int64)
-        pos = np.zeros(chunk_len, dtype=np.int64)
-        pos[:n_valid] = positions
-        if n_valid < chunk_len:
-            pos[n_valid:] = positions[-1] + 1 if n_valid else self.next_position
-        return StepPlan(self._pad(write, chunk_len), pos, self.slot_pos.copy(), self.slot_seq >= 0, n_valid)
-
-    def commit(self, plan: StepPlan, outputs: dict[str, np.ndarray] | None = None) -> None:
-        super().commit(plan)
-        if plan.n_new:
-            self.next_position = int(plan.positions[plan.n_new - 1]) + 1
-
-    def reserve_positions(self, n: int) -> None:
-        self.next_position += int(n)
+        return self.plan_append(chunk_len, n_valid, offsets)
 
 
 class FullSpec(PolicySpec):
