@@ -1,4 +1,4 @@
-"""streamgraph runtime: sessions, KV buffer and cache policies, scheduler, sources, metrics.
+"""streamgraph runtime: sessions (wiring), the decoder, the frame pipeline, the stream (clock, records, runner), the scheduler, sources and live sources, metrics. (The KV buffer and cache policies are `streamgraph.kv`.)
 
 Torch-free by contract: edge targets ship a bundle and this package (plus onnxruntime).
 The names below are loaded lazily (PEP 562), so importing one runtime module (the compiler
