@@ -1,4 +1,6 @@
-"""streamgraph runtime: sessions (wiring), the decoder, the frame pipeline, the stream (clock, records, runner), the scheduler, sources and live sources, metrics. (The KV buffer and cache policies are `streamgraph.kv`.)
+"""streamgraph runtime: sessions (wiring), the decoder, the frame pipeline, the stream (clock,
+records, runner), the scheduler, sources and live sources, metrics (the KV buffer and the cache
+policies are :mod:`streamgraph.kv`).
 
 Torch-free by contract: edge targets ship a bundle and this package (plus onnxruntime).
 The names below are loaded lazily (PEP 562), so importing one runtime module (the compiler
