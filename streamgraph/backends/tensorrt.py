@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from streamgraph.backends.base import Backend
+from streamgraph.backends.torch_device import DeviceTensorKV
 from streamgraph.contract import (DECODER_STEP, DTYPES, INPUTS_EMBEDS, KV_CACHE, LAST_HIDDEN, LOGITS, NEW_KV,
                                   QUERY_MEAN)
 from streamgraph.errors import BackendUnavailableError
@@ -181,36 +182,22 @@ class TensorRTBackend(Backend):
         KVBuffer uses the base-class default. Raises RuntimeError when no step is pending."""
         if not isinstance(kv, DeviceKV):
             return Backend.commit_kv(self, kv, write_slots)
-        pending = kv.pending_new_kv
-        if pending is None:
-            raise RuntimeError("commit_kv: no decoder_step is pending on this KV buffer")
-        kv.pending_new_kv = None
-        sel = np.flatnonzero(write_slots >= 0)
-        if not len(sel):
-            return
-        kv.scatter(pending, sel, write_slots[sel])
+        kv.commit_pending(write_slots)
 
 
 
-class DeviceKV(KVBuffer):
-    """A session's KV buffer ``[L, 2, B, Hkv, S, Dh]`` in device memory (a torch CUDA tensor,
-    ``tensor``), with the decoder execution context, CUDA stream and preallocated device
-    I/O buffers of its session (never shared across streams). Its ``address`` (the device
-    pointer, set once in the context as ``kv_cache``) never changes.
-
-    ``data`` is a host *copy* (device -> host, for reports and tests; writing to it changes
-    nothing); :meth:`read_slots` / :meth:`write_slots` (ReKV's block moves) and
-    :meth:`write` copy only the slots they touch. Never run (module docstring).
+class DeviceKV(DeviceTensorKV):
+    """A session's KV buffer ``[L, 2, B, Hkv, S, Dh]`` in device memory (the ``torch-device``
+    backend's :class:`~streamgraph.backends.torch_device.DeviceTensorKV`: one tensor, slot
+    scatter, ReKV block moves), plus the decoder execution context, CUDA stream and
+    preallocated device I/O buffers of its session (never shared across streams). Its
+    ``address`` (the device pointer, set once in the context as ``kv_cache``) never changes.
+    Never run (module docstring).
     """
 
     def __init__(self, backend: "TensorRTBackend", shape, dtype: str = "float32"):
-        torch = backend.torch
-        self.backend, self.torch = backend, torch
-        self.shape = tuple(int(d) for d in shape)
-        self.dtype = dtype
-        dev = backend.device
-        self.tensor = torch.zeros(self.shape, dtype=getattr(torch, DTYPES[dtype].torch), device=dev)
-        self._address = self.tensor.data_ptr()
+        super().__init__(backend, shape, dtype)
+        torch, dev = backend.torch, backend.device
         # (a CPU device has no stream: only the index arithmetic is testable without a GPU)
         self.stream = torch.cuda.Stream(device=dev) if dev.type == "cuda" else None
         plan = backend._dec_plan
@@ -224,7 +211,6 @@ class DeviceKV(KVBuffer):
                        for i in plan.inputs if i.name != KV_CACHE}
         self._outputs = {o.name: (torch.empty(size(o), dtype=tdt(o), device=dev), o.shape) for o in plan.outputs}
         self._views: dict[int, dict] = {}
-        self.pending_new_kv = None
 
     def output_views(self, t: int) -> dict:
         """Device views of the preallocated outputs shaped for a chunk of ``t`` tokens."""
@@ -237,48 +223,10 @@ class DeviceKV(KVBuffer):
             self._views[t] = views
         return views
 
-    @property
-    def data(self) -> np.ndarray:
-        return self.tensor.cpu().numpy()
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.tensor.numel() * self.tensor.element_size())
-
-    @property
-    def capacity(self) -> int:
-        return int(self.shape[4])
-
     def scatter(self, new_kv, token_index: np.ndarray, slots: np.ndarray) -> None:
-        """``tensor[..., slots[i], :] = new_kv[..., token_index[i], :]`` on the device."""
-        torch, dev = self.torch, self.tensor.device
-        idx = torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(dev)
-        n = len(token_index)                       # token_index: sorted, unique
-        if int(token_index[-1]) == n - 1:          # the valid tokens are a prefix of the chunk
-            src = new_kv[:, :, :, :, :n]
-        else:
-            src = new_kv.index_select(4, torch.from_numpy(np.ascontiguousarray(token_index, np.int64)).to(dev))
+        """:meth:`DeviceTensorKV.scatter` on this session's CUDA stream."""
         if self.stream is None:
-            self.tensor.index_copy_(4, idx, src)
-            return
-        with torch.cuda.stream(self.stream):
-            self.tensor.index_copy_(4, idx, src)
+            return super().scatter(new_kv, token_index, slots)
+        with self.torch.cuda.stream(self.stream):
+            super().scatter(new_kv, token_index, slots)
         self.stream.synchronize()
-
-    def write(self, new_kv: np.ndarray, write_slots: np.ndarray) -> None:
-        """Host ``new_kv`` into the slots ``write_slots >= 0`` (copies only those tokens)."""
-        sel = np.flatnonzero(write_slots >= 0)
-        if len(sel):
-            src = self.torch.from_numpy(np.ascontiguousarray(new_kv[:, :, :, :, sel, :])).to(self.tensor.device)
-            self.scatter(src, np.arange(len(sel)), write_slots[sel])
-
-    def read_slots(self, slots: np.ndarray, layer: int | None = None) -> np.ndarray:
-        idx = self.torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.tensor.device)
-        t = self.tensor[:, :, 0] if layer is None else self.tensor[layer, :, 0]
-        return t.index_select(t.dim() - 2, idx).cpu().numpy()
-
-    def write_slots(self, slots: np.ndarray, values: np.ndarray, layer: int | None = None) -> None:
-        torch, dev = self.torch, self.tensor.device
-        idx = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(dev)
-        t = self.tensor[:, :, 0] if layer is None else self.tensor[layer, :, 0]
-        t.index_copy_(t.dim() - 2, idx, torch.from_numpy(np.ascontiguousarray(values)).to(dev, t.dtype))

@@ -196,7 +196,7 @@ class TorchDeviceBackend(Backend):
         """The session's KV buffer ``[L,2,B,Hkv,S,Dh]``, zero-filled, once, on the device in
         the backend's compute dtype (``dtype``, the plan's, is what the host sees through
         ``data``). A :class:`DeviceTensorKV`."""
-        return DeviceTensorKV(self, shape, dtype)
+        return DeviceTensorKV(self, shape, dtype, self.dtype)
 
     def decoder_step(self, kv: KVBuffer, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One decoder step over ``kv``'s device tensor (I/O as
@@ -230,18 +230,14 @@ class TorchDeviceBackend(Backend):
         base-class default. Raises RuntimeError when no step is pending."""
         if not isinstance(kv, DeviceTensorKV):
             return Backend.commit_kv(self, kv, write_slots)
-        pending = kv.pending_new_kv
-        if pending is None:
-            raise RuntimeError("commit_kv: no decoder_step is pending on this KV buffer")
-        kv.pending_new_kv = None
-        sel = np.flatnonzero(np.asarray(write_slots) >= 0)
-        if len(sel):
-            kv.scatter(pending, sel, np.asarray(write_slots)[sel])
+        kv.commit_pending(write_slots)
 
 
 class DeviceTensorKV(KVBuffer):
     """A session's KV buffer ``[L, 2, B, Hkv, S, Dh]`` as one torch tensor (``tensor``) on the
     backend's device, allocated once; :attr:`address` is its data pointer and never changes.
+    Shared by the device backends (``torch-device``; ``tensorrt`` extends it with its execution
+    context).
 
     ``data``: on the CPU with a numpy dtype (float32/float16) the tensor shares the memory of
     a host array (``torch.from_numpy``) and ``data`` is that live view, as for a host
@@ -249,14 +245,17 @@ class DeviceTensorKV(KVBuffer):
     bfloat16), for reports and tests — writing to it changes nothing. ReKV's block moves
     (:meth:`read_slots` / :meth:`write_slots`) and :meth:`write` copy only the slots they
     touch. ``pending_new_kv``: the last uncommitted step's ``new_kv`` (a device tensor).
+
+    ``backend`` needs ``torch`` and ``device``; ``torch_dtype`` is the tensor's dtype (default:
+    the plan's ``dtype``).
     """
 
-    def __init__(self, backend: TorchDeviceBackend, shape, dtype: str = "float32"):
+    def __init__(self, backend, shape, dtype: str = "float32", torch_dtype=None):
         torch = backend.torch
         self.backend, self.torch = backend, torch
         self.shape = tuple(int(d) for d in shape)
         self.dtype = dtype
-        tdt = backend.dtype
+        tdt = torch_dtype if torch_dtype is not None else getattr(torch, DTYPES[dtype].torch)
         np_name = {torch.float32: "float32", torch.float16: "float16"}.get(tdt)
         if backend.device.type == "cpu" and np_name is not None:
             self._host = np.zeros(self.shape, dtype=DTYPES[np_name].numpy)
@@ -266,6 +265,18 @@ class DeviceTensorKV(KVBuffer):
             self.tensor = torch.zeros(self.shape, dtype=tdt, device=backend.device)
         self._address = self.tensor.data_ptr()
         self.pending_new_kv = None
+
+    def commit_pending(self, write_slots: np.ndarray) -> None:
+        """Scatter ``pending_new_kv`` into ``write_slots`` (>= 0) and clear it (a backend's
+        ``commit_kv``). Raises RuntimeError when no step is pending."""
+        pending = self.pending_new_kv
+        if pending is None:
+            raise RuntimeError("commit_kv: no decoder_step is pending on this KV buffer")
+        self.pending_new_kv = None
+        write_slots = np.asarray(write_slots)
+        sel = np.flatnonzero(write_slots >= 0)
+        if len(sel):
+            self.scatter(pending, sel, write_slots[sel])
 
     @property
     def data(self) -> np.ndarray:
@@ -308,7 +319,8 @@ class DeviceTensorKV(KVBuffer):
             raise ValueError(f"new_kv shape {new_kv.shape} does not fit KV buffer {self.shape}")
         sel = np.flatnonzero(np.asarray(write_slots) >= 0)
         if len(sel):
-            src = self.backend._to_device(np.ascontiguousarray(new_kv[:, :, :, :, sel, :]))
+            src = self.torch.from_numpy(np.ascontiguousarray(new_kv[:, :, :, :, sel, :])).to(
+                self.tensor.device, self.tensor.dtype)
             self.scatter(src, np.arange(len(sel)), np.asarray(write_slots)[sel])
 
     def read_slots(self, slots: np.ndarray, layer: int | None = None) -> np.ndarray:
