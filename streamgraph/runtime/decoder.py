@@ -39,8 +39,9 @@ from typing import Iterator
 
 import numpy as np
 
+from streamgraph.backends.base import Backend
 from streamgraph.contract import (CACHE_POSITIONS, CACHE_VALID, DECODER_STEP, EMBED_TOKENS, INPUT_IDS, INPUTS_EMBEDS,
-                                  KV_CACHE, LAST_HIDDEN, LOGITS, NEW_KV, POSITIONS, STREAMING_HEADS, TOKEN_VALID,
+                                  LAST_HIDDEN, LOGITS, NEW_KV, POSITIONS, STREAMING_HEADS, TOKEN_VALID,
                                   WINDOW_VALID)
 from streamgraph.errors import EngineError, NonFiniteError, StreamgraphError
 from streamgraph.kv.base import CachePolicy, KVBuffer, StepPlan
@@ -81,8 +82,6 @@ def _engine_error(engine: str, e: Exception) -> EngineError:
 
 def _overrides(backend, method: str) -> bool:
     """Whether ``backend`` brings its own ``method`` (not the base class default, not absent)."""
-    from streamgraph.backends.base import Backend
-
     own = getattr(type(backend), method, None)
     return own is not None and own is not getattr(Backend, method, None)
 
@@ -94,16 +93,14 @@ class GuardedBackend:
 
     The decoder's KV calls (:meth:`alloc_kv`, :meth:`decoder_step`, :meth:`commit_kv`) go to
     the backend when it brings its own (bound or device-resident buffers); otherwise (the
-    base class defaults, or a plain object with only ``run``) they run here through
-    :meth:`run` with ``kv.data`` as ``kv_cache`` and scatter on the host, so a wrapper of
-    ``run`` sees every engine call. One guard per session (it holds that session's pending
-    step)."""
+    base class defaults, or a plain object with only ``run``) the base class defaults run
+    with this guard as the backend — through the guarded :meth:`run`, with ``kv.data`` as
+    ``kv_cache`` and a host scatter — so a wrapper of ``run`` sees every engine call."""
 
     def __init__(self, backend):
         self.backend = backend
         self._own_kv = _overrides(backend, "decoder_step") or _overrides(backend, "commit_kv")
         self._own_alloc = _overrides(backend, "alloc_kv")
-        self._pending: np.ndarray | None = None
 
     def __getattr__(self, name):
         return getattr(self.backend, name)
@@ -126,16 +123,14 @@ class GuardedBackend:
         """The session's KV buffer ``[L,2,B,Hkv,S,Dh]`` (the backend's, or a host one)."""
         if self._own_alloc:
             return self.backend.alloc_kv(shape, dtype)
-        return KVBuffer(shape, dtype)
+        return Backend.alloc_kv(self, shape, dtype)
 
     def decoder_step(self, kv: KVBuffer, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run ``decoder_step`` over ``kv``; every output checked (``new_kv`` included) before
         it is returned. Raises EngineError / NonFiniteError (the step stays uncommitted)."""
-        self._pending = None
         if not self._own_kv:
-            out = self.run(DECODER_STEP, {**inputs, KV_CACHE: kv.data})
-            self._pending = out[NEW_KV]
-            return out
+            kv.pending_new_kv = None             # a failed step leaves nothing to commit
+            return Backend.decoder_step(self, kv, inputs)
         try:
             out = self.backend.decoder_step(kv, inputs)
         except StreamgraphError:
@@ -150,9 +145,7 @@ class GuardedBackend:
     def commit_kv(self, kv: KVBuffer, write_slots: np.ndarray) -> None:
         """Scatter the last step's new KV into ``write_slots`` (>= 0) of ``kv``."""
         if not self._own_kv:
-            pending, self._pending = self._pending, None
-            kv.write(pending, write_slots)
-            return
+            return Backend.commit_kv(self, kv, write_slots)
         try:
             self.backend.commit_kv(kv, write_slots)
         except StreamgraphError:
